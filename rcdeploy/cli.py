@@ -1,0 +1,206 @@
+"""`rcdeploy` command line: each command parses its options, then calls one library function.
+
+Heavy imports (torch, brevitas, onnxruntime) happen inside commands so `--help` stays instant.
+Bad input anywhere is one `error:` line on stderr and exit code 2; a failed export verification
+exits 1; an interrupted training run saves and exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from rcdeploy.errors import UsageError, VerificationError
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _write_json(path: str | None, payload: Any) -> None:
+    if path is None:
+        return
+    text = json.dumps(payload, indent=2, default=str)
+    if path == "-":
+        click.echo(text)
+        return
+    from rcdeploy.io import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rcdeploy")
+def cli() -> None:
+    """Robust, compressed, integer image classifiers: train -> export -> bench."""
+
+
+# ----------------------------------------------------------------------------------------- train
+@cli.command()
+@click.option("--config", "recipe", help="Recipe YAML (path or bundled name); default: the quick-start recipe.")
+@click.option("--model", help="Model name (e.g. small_cnn, resnet20, preact_resnet18, mobilenetv2).")
+@click.option("--width", type=float, help="Channel width multiplier.")
+@click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data-dir", help="Folder holding the dataset files (default $RCDEPLOY_DATA or ./data).")
+@click.option("--download", is_flag=True, default=None, help="Fetch the standard dataset files (needs a network).")
+@click.option("--bits", help="Weight bits: float, 8, 6, 5, 4, 3, 2 (ternary), 1 (binary).")
+@click.option("--act-bits", help="Activation bits (8 keeps int8 kernels at export).")
+@click.option("--adv", help="Adversarial objective: none, fgsm-rs, pgd, trades.")
+@click.option("--eps", help="L-inf budget in image units, e.g. 8/255.")
+@click.option("--steps", type=int, help="Attack steps during training (pgd, trades).")
+@click.option("--step-size", help="Attack step size, e.g. 2/255 (default 2.5*eps/steps).")
+@click.option("--beta", type=float, help="TRADES trade-off weight.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--schedule", help="cosine, piecewise or constant.")
+@click.option("--optimizer", help="sgd or adam.")
+@click.option("--prune-channels", type=float, help="Target share of prunable channels to remove, e.g. 0.5.")
+@click.option("--sparsity", help="Structured sparsity method: group-lasso, rgsm, slimming, ...")
+@click.option("--channel-multiple", type=int, help="Round kept channel counts up to a multiple.")
+@click.option("--seed", type=int)
+@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--out", help="Folder for run folders (default runs/).")
+@click.option("--name", help="Run folder name.")
+@click.option("--resume", type=click.Path(), help="Continue an interrupted run (its folder or last.pt).")
+@click.option("--json", "json_path", help="Write the final metrics as JSON to FILE ('-' for stdout).")
+def train(recipe: str | None, resume: str | None, json_path: str | None, **overrides: Any) -> None:
+    """Adversarial quantization-aware training; writes runs/NAME/{best.pt,last.pt,metrics.jsonl,config.yaml}."""
+    from rcdeploy.config import make_config
+    from rcdeploy.train.loop import fit
+    from rcdeploy.train.progress import RichReporter
+
+    if resume is not None:
+        cfg = make_config(None, {"epochs": overrides.get("epochs"), "device": overrides.get("device")})
+    else:
+        cfg = make_config(recipe or "quickstart", overrides)
+    console = _console()
+    with RichReporter(console) as reporter:
+        result = fit(cfg, resume=resume, reporter=reporter)
+    summary = {"run_dir": str(result.run_dir), "best": result.best,
+               "last": result.metrics[-1] if result.metrics else None, "interrupted": result.interrupted}
+    if result.interrupted:
+        console.print(f"interrupted: saved {result.run_dir / 'last.pt'}; continue with "
+                      f"`rcdeploy train --resume {result.run_dir}`")
+        _write_json(json_path, summary)
+        sys.exit(130)
+    if result.best:
+        b = result.best
+        console.print(f"best (epoch {b['epoch']}): val clean {b['val_clean_acc']:.1f}%, "
+                      f"val {b['val_attack']} {b['val_robust_acc']:.1f}% -> {result.run_dir / 'best.pt'}")
+    _write_json(json_path, summary)
+
+
+# ---------------------------------------------------------------------------------------- export
+@cli.command()
+@click.argument("checkpoint", required=False, default="runs/latest/best.pt")
+@click.option("--bits", help="Export weight bits (below the trained bits: post-training quantization).")
+@click.option("--prune-channels", is_flag=True, help="Physically remove the channels training zeroed.")
+@click.option("--format", "formats", default="qdq", show_default=True,
+              help="Comma list of qdq, qonnx, ort, or all.")
+@click.option("--storage", type=click.Choice(["packed", "int8"]), default="packed", show_default=True,
+              help="Low-bit weights packed as INT4 (small file; widened at load by rcdeploy) or stored as int8.")
+@click.option("-o", "--output", default="model.onnx", show_default=True)
+@click.option("--data-dir", help="Dataset folder for verification images.")
+@click.option("--verify-samples", type=int, default=512, show_default=True)
+@click.option("--no-noise", is_flag=True, help="Stochastic models (EnResNet): export without the noise.")
+@click.option("--json", "json_path", help="Write the export summary as JSON to FILE ('-' for stdout).")
+def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str, storage: str, output: str,
+           data_dir: str | None, verify_samples: int, no_noise: bool, json_path: str | None) -> None:
+    """Verified integer ONNX (+ QONNX, .ort, model.json sidecar) from a training checkpoint."""
+    from rcdeploy.export.api import export_checkpoint, render_summary
+
+    fmts = ["qdq", "qonnx", "ort"] if formats.strip() == "all" else [f.strip() for f in formats.split(",") if f.strip()]
+    summary = export_checkpoint(checkpoint, bits=bits, prune_channels=prune_channels, formats=fmts,
+                                output=output, storage=storage, verify_samples=verify_samples, data_dir=data_dir,
+                                noise=not no_noise)
+    render_summary(summary, _console(stderr=False))
+    _write_json(json_path, summary)
+
+
+# ----------------------------------------------------------------------------------------- bench
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--attack", "attacks", default="ifgsm20", show_default=True,
+              help="Comma list: fgsm, ifgsmN, pgdN, cwN, squareN (or 'none').")
+@click.option("--dataset", help="Dataset (default: the sidecar model.json's).")
+@click.option("--data-dir", help="Dataset folder.")
+@click.option("--samples", type=int, help="Test images to use (default: all, up to 1000).")
+@click.option("--eps", help="L-inf eps (default: the sidecar's training eps, else the dataset's).")
+@click.option("--step", help="Step size for iterative attacks (default eps/4).")
+@click.option("--restarts", type=int, default=1, show_default=True)
+@click.option("--eot", type=int, default=1, show_default=True, help="Gradient averaging draws (stochastic models).")
+@click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True)
+@click.option("--batch-sizes", default="1,64", show_default=True, help="Latency batch sizes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", help="Write the full report as JSON to FILE ('-' for stdout).")
+@click.option("--csv", "csv_path", help="Append one summary row to FILE.")
+def bench(model: str, **kwargs: Any) -> None:
+    """Latency, size, clean and robust accuracy of a deployed ONNX file, in onnxruntime."""
+    from rcdeploy.deploy.bench import bench_model
+    from rcdeploy.deploy.report import append_csv, render_bench
+
+    json_path, csv_path = kwargs.pop("json_path"), kwargs.pop("csv_path")
+    report = bench_model(model, **kwargs)
+    render_bench(report, _console(stderr=False))
+    _write_json(json_path, report)
+    if csv_path:
+        append_csv(csv_path, report)
+
+
+# --------------------------------------------------------------------------------------- compare
+@cli.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path())
+@click.option("--plot", help="Write a Pareto plot (PNG) of accuracy vs size and latency.")
+@click.option("--json", "json_path", help="Write the comparison as JSON.")
+def compare(reports: tuple[str, ...], plot: str | None, json_path: str | None) -> None:
+    """Table (and Pareto plot) of several `bench --json` reports."""
+    from rcdeploy.deploy.report import compare_reports, render_compare
+
+    table = compare_reports(list(reports), plot=plot)
+    render_compare(table, _console(stderr=False))
+    _write_json(json_path, table)
+
+
+# --------------------------------------------------------------------------------------- inspect
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--json", "json_path", help="Write the report as JSON.")
+def inspect(model: str, json_path: str | None) -> None:
+    """Op histogram (as stored and as onnxruntime runs it), integer-kernel MAC share, bytes by dtype."""
+    from rcdeploy.deploy.inspect import inspect_model
+    from rcdeploy.deploy.report import render_inspect
+
+    report = inspect_model(model)
+    render_inspect(report, _console(stderr=False))
+    _write_json(json_path, report.to_dict() if hasattr(report, "to_dict") else report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: library errors become one stderr line and an exit code, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="rcdeploy", standalone_mode=False)
+    except UsageError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except VerificationError as e:
+        click.echo(f"error: export verification failed: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
