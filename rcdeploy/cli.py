@@ -65,6 +65,7 @@ def cli() -> None:
 @click.option("--channel-multiple", type=int, help="Round kept channel counts up to a multiple.")
 @click.option("--seed", type=int)
 @click.option("--device", help="auto, cpu or cuda.")
+@click.option("--threads", type=int, help="CPU threads for torch (tiny models are fastest on 1).")
 @click.option("--out", help="Folder for run folders (default runs/).")
 @click.option("--name", help="Run folder name.")
 @click.option("--resume", type=click.Path(), help="Continue an interrupted run (its folder or last.pt).")

@@ -63,6 +63,7 @@ class TrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda
+    threads: int | None = None           # torch CPU threads (None: torch's default); tiny inputs run best on 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -102,10 +102,12 @@ class Split:
 
 @dataclass
 class Dataset:
+    """A dataset's meta and its three splits, all on one device."""
+
     meta: DatasetMeta
     train: Split
     val: Split  # fixed seeded hold-out from the training set: used to pick checkpoints
-    test: Split  # the official test split (never used to pick checkpoints)
+    test: Split  # the official test split, or a fixed one where there is none (never used to pick checkpoints)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ class TinyResNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
         self.pool = nn.MaxPool2d(2)
-        self.head = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.head = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU()
+        )
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, classes)
 
@@ -47,20 +49,25 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.gap(y), 1))
 
 
-def train_digits(steps: int = 300, seed: int = 0) -> nn.Module:
-    """TinyResNet fitted to digits with Adam (about 2 s on one core); eval mode."""
+def train_digits(steps: int = 150, seed: int = 0) -> nn.Module:
+    """TinyResNet fitted to digits with Adam (a few seconds on one thread); eval mode."""
     torch.manual_seed(seed)
     x, y = digits()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     model = TinyResNet()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xt), (128,), generator=g)
-        loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: more threads only contend on the shared 2-core machine
+    try:
+        for _ in range(steps):
+            idx = torch.randint(0, len(xt), (128,), generator=g)
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -69,8 +76,14 @@ def export_fp32(model: nn.Module, path: Path, shape: tuple[int, ...]) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, torch.rand(2, *shape), str(path), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+            model,
+            torch.rand(2, *shape),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
         )
     return path
 
@@ -88,7 +101,9 @@ def quantize(fp32: Path, out: Path, calib: np.ndarray, *, fmt: str = "qdq", acti
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
     quantize_static(
-        str(pre), str(out), _Reader(calib),
+        str(pre),
+        str(out),
+        _Reader(calib),
         quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
         per_channel=True,
         activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,

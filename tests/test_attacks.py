@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -34,6 +33,16 @@ SPECS = ["fgsm", "ifgsm5", "pgd5", "cw5", "square40"]
 
 
 # -- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
+    spinning threads made this file 10-20x slower (measured); restored for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_cnn() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10)
@@ -53,7 +62,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def trained(digits) -> nn.Sequential:
-    """A tiny float CNN trained full-batch for a fraction of a second (test accuracy ~0.95)."""
+    """A tiny float CNN trained full-batch, 300 Adam steps (~1 s on one core; test accuracy 0.97)."""
     xtr, ytr, _, _ = digits
     torch.manual_seed(0)
     net = tiny_cnn()
@@ -147,8 +156,8 @@ def test_robust_accuracy_below_clean(spec: str, trained, digits) -> None:
     _, _, xte, yte = digits
     clean = accuracy(trained, xte, yte)
     robust = accuracy(trained, parse_attack(spec, eps=EPS, seed=0).attack(trained, xte, yte), yte)
-    # Measured: clean ~0.96, every attack here below ~0.6 at eps 0.1.
-    assert robust <= clean - 0.25, (spec, clean, robust)
+    # Measured (torch 2.13 CPU): clean 0.97; fgsm 0.34, ifgsm10 0.28, pgd10 0.30, cw10 0.30, square300 0.31.
+    assert robust <= min(clean - 0.4, 0.5), (spec, clean, robust)
 
 
 # -- known answers on linear models -------------------------------------------------------------------
@@ -204,6 +213,18 @@ def test_iterative_attacks_reach_the_analytic_margin(cls, clipping: bool) -> Non
     assert torch.allclose(x_adv, optimum, atol=1e-6)
     assert torch.allclose(true_margin(model, x_adv, y), true_margin(model, optimum, y), atol=1e-5)
     assert (true_margin(model, x_adv, y) < true_margin(model, x, y)).all()
+
+
+def test_cw_margin_has_a_gradient_where_cross_entropy_saturates() -> None:
+    model = linear_two_class()
+    with torch.no_grad():
+        model[1].weight.mul_(1e5)  # logit gaps ~1e4: float32 softmax (and its CE gradient) is exactly one-hot
+    x = EPS + (1 - 2 * EPS) * torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1).detach()
+    assert (F.softmax(model(x), 1).gather(1, y[:, None]) == 1).all()
+    optimum = analytic_optimum(model, x, y, EPS)
+    assert torch.allclose(CW(EPS, steps=12, seed=0).attack(model, x, y), optimum, atol=1e-6)
+    assert torch.equal(IFGSM(EPS, steps=12).attack(model, x, y), x)  # CE gradient is exactly zero
 
 
 def test_ifgsm_and_pgd_match_an_independent_reference_loop(trained, digits) -> None:
@@ -299,9 +320,9 @@ def test_square_fools_onnxruntime_without_gradients(trained, digits) -> None:
         noise = (torch.randint(0, 2, xte.shape, generator=gen) * 2 - 1).float() * EPS
         fooled |= runtime((xte + noise).clamp(0, 1)).argmax(1) != yte
     random_robust = 1 - fooled.float().mean().item()
-    # Measured: clean ~0.96, square300 ~0.5, random300 ~0.8.
-    assert robust <= clean - 0.25, (clean, robust)
-    assert robust <= random_robust - 0.15, (robust, random_robust)
+    # Measured: clean 0.97, square300 0.31 (130 queries a sample on average), random300 0.76.
+    assert robust <= min(clean - 0.4, 0.5), (clean, robust)
+    assert robust <= random_robust - 0.3, (robust, random_robust)
 
     # Query accounting: clean misses cost nothing, successes stop early, nobody exceeds the budget.
     used = attack.queries_used

@@ -22,6 +22,7 @@ from rcdeploy.errors import UsageError
 __all__ = [
     "TARGETS",
     "TargetProfile",
+    "get_target",
     "input_spec",
     "load_model_proto",
     "open_session",
@@ -183,11 +184,11 @@ def open_session(
     `widen_low_bit_initializers`).
     """
     profile = get_target(target)
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
     proto = _coerce_model(model)
     if widen:
         proto = widen_low_bit_initializers(proto)
-    if threads is not None and threads < 1:
-        raise UsageError(f"threads must be >= 1, got {threads}")
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads if threads is not None else profile.intra_op_threads()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from rcdeploy.deploy.session import load_model_proto
 from rcdeploy.errors import UsageError
 
 __all__ = ["OnnxTwin", "build_twin", "supported_ops"]
@@ -55,11 +56,19 @@ _QRANGE: dict[int, tuple[int, int]] = {
 }
 _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _INTS = {
-    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
-    TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.INT4, TensorProto.UINT4,
+    TensorProto.INT8,
+    TensorProto.UINT8,
+    TensorProto.INT16,
+    TensorProto.UINT16,
+    TensorProto.INT32,
+    TensorProto.UINT32,
+    TensorProto.INT64,
+    TensorProto.UINT64,
+    TensorProto.INT4,
+    TensorProto.UINT4,
 }
 # Ops whose output is not a function of their inputs: never folded into constants.
-_NO_FOLD = {"RandomNormalLike", "RandomUniformLike", "RandomNormal", "RandomUniform"}
+_NO_FOLD = {"RandomNormalLike", "RandomUniformLike"}
 
 
 @dataclass
@@ -79,21 +88,23 @@ class _RoundSTE(torch.autograd.Function):
     """Round half to even forward (exact, as onnxruntime), identity backward."""
 
     @staticmethod
-    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:
         return torch.round(v)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
 
 class _TruncSTE(torch.autograd.Function):
+    """Truncation toward zero forward (ONNX float -> int Cast), identity backward."""
+
     @staticmethod
-    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:
         return torch.trunc(v)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
 
@@ -112,16 +123,18 @@ def _carrier(arr: np.ndarray, onnx_type: int) -> torch.Tensor:
     # float types -> float32 (the twin computes in float32); <= 16-bit ints -> float32 (exact);
     # 32-bit ints -> float64 (exact); 64-bit ints -> int64 (shapes, axes, indices); bool -> bool.
     if onnx_type in _FLOATS:
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return torch.from_numpy(np.array(arr, dtype=np.float32))
     if onnx_type == TensorProto.BOOL:
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=bool))
+        return torch.from_numpy(np.array(arr, dtype=bool))
     if onnx_type in (TensorProto.INT64, TensorProto.UINT64):
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+        return torch.from_numpy(np.array(arr, dtype=np.int64))
     if onnx_type in (TensorProto.INT32, TensorProto.UINT32):
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
+        return torch.from_numpy(np.array(arr, dtype=np.float64))
     if onnx_type in _INTS:
         return torch.from_numpy(np.ascontiguousarray(arr.astype(np.int32), dtype=np.float32))
-    raise UsageError(f"tensor element type {helper.tensor_dtype_to_string(onnx_type)} is not supported by the twin")
+    raise UsageError(
+        f"tensor element type {helper.tensor_dtype_to_string(onnx_type)} is not supported by the twin"
+    )
 
 
 def _num(t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +146,9 @@ def _ints(t: torch.Tensor | None) -> list[int]:
     return [] if t is None else [int(v) for v in t.reshape(-1).tolist()]
 
 
-def _axis_param(p: torch.Tensor, ref_rank: int, axis: int, ref_shape: Sequence[int], block: int = 0) -> torch.Tensor:
+def _axis_param(
+    p: torch.Tensor, ref_rank: int, axis: int, ref_shape: Sequence[int], block: int = 0
+) -> torch.Tensor:
     """Broadcast a per-tensor, per-axis or blocked scale / zero point against a tensor."""
     if p.dim() == 0 or (p.numel() == 1 and not block):
         return p.reshape(())
@@ -146,12 +161,16 @@ def _axis_param(p: torch.Tensor, ref_rank: int, axis: int, ref_shape: Sequence[i
     return p.reshape(shape)
 
 
-def _quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, qtype: int, ste: bool) -> torch.Tensor:
+def _quantize(
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, qtype: int, ste: bool
+) -> torch.Tensor:
     lo, hi = _QRANGE[qtype]
     v = x / scale
     r = _RoundSTE.apply(v) if ste else torch.round(v)
     # clamp's gradient is 1 inside [lo, hi] and 0 outside: the STE's saturation rule.
-    return torch.clamp(r + zp, lo, hi)
+    q = torch.clamp(r + zp, lo, hi)
+    # int32 results need float64 to stay exact; every narrower type is exact in float32.
+    return q.to(torch.float64 if qtype == TensorProto.INT32 else torch.float32)
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float) -> torch.Tensor:
@@ -188,13 +207,19 @@ def _qtype(tw: OnnxTwin, node: _Node, zp_index: int) -> int:
     if name:
         t = tw._types.get(name)
         if t is None:
-            raise UsageError(f"{node.where()}: zero point {name!r} is not a constant; the twin needs its type")
+            raise UsageError(
+                f"{node.where()}: zero point {name!r} is not a constant; the twin needs its type"
+            )
         if t not in _QRANGE:
-            raise UsageError(f"{node.where()}: quantized type {helper.tensor_dtype_to_string(t)} is not supported")
+            raise UsageError(
+                f"{node.where()}: quantized type {helper.tensor_dtype_to_string(t)} is not supported"
+            )
         return t
     t = int(node.attrs.get("output_dtype", 0)) or TensorProto.UINT8
     if t not in _QRANGE:
-        raise UsageError(f"{node.where()}: quantized type {helper.tensor_dtype_to_string(t)} is not supported")
+        raise UsageError(
+            f"{node.where()}: quantized type {helper.tensor_dtype_to_string(t)} is not supported"
+        )
     return t
 
 
@@ -316,11 +341,13 @@ def _qlinear_avgpool(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     return _requantize(tw, node, ins, _avg_pool(node, x), 3)
 
 
-@_op("QLinearSigmoid", "QLinearLeakyRelu", domain=_MS)
+@_op("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", domain=_MS)
 def _qlinear_unary(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     x = _dq_inputs(ins, 0)
     if node.op == "QLinearSigmoid":
         y = torch.sigmoid(x)
+    elif node.op == "QLinearSoftmax":
+        y = _softmax(x, int(node.attrs.get("axis", -1)), int(node.attrs.get("opset", 13)), torch.softmax)
     else:
         y = F.leaky_relu(x, float(node.attrs.get("alpha", 0.01)))
     return _requantize(tw, node, ins, y, 3)
@@ -366,8 +393,13 @@ def _conv_integer(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
 # --- convolution, pooling -------------------------------------------------------------------------
 
 
-def _pads(node: _Node, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-          dilations: Sequence[int]) -> list[int]:
+def _pads(
+    node: _Node,
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+) -> list[int]:
     """Explicit ONNX pads [begin..., end...], resolving auto_pad against the input size."""
     nd = len(spatial)
     auto = node.attrs.get("auto_pad", "NOTSET")
@@ -486,9 +518,16 @@ def _conv_transpose(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     if (auto not in ("NOTSET", b"NOTSET", "VALID", b"VALID")) or pads[:nd] != pads[nd:]:
         raise UsageError(f"{node.where()}: asymmetric or SAME padding in ConvTranspose is not supported")
     fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-    return fn(x, w, b, list(node.attrs.get("strides", [1] * nd)), pads[:nd],
-              list(node.attrs.get("output_padding", [0] * nd)), int(node.attrs.get("group", 1)),
-              list(node.attrs.get("dilations", [1] * nd)))
+    return fn(
+        x,
+        w,
+        b,
+        list(node.attrs.get("strides", [1] * nd)),
+        pads[:nd],
+        list(node.attrs.get("output_padding", [0] * nd)),
+        int(node.attrs.get("group", 1)),
+        list(node.attrs.get("dilations", [1] * nd)),
+    )
 
 
 @_op("MaxPool")
@@ -586,10 +625,22 @@ def _variadic(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
 
 
 _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Neg": torch.neg, "Abs": torch.abs,
-    "Sqrt": torch.sqrt, "Exp": torch.exp, "Log": torch.log, "Erf": torch.erf, "Floor": torch.floor,
-    "Ceil": torch.ceil, "Reciprocal": torch.reciprocal, "Sign": torch.sign, "Softplus": F.softplus,
-    "Round": torch.round, "Identity": lambda t: t,
+    "Relu": F.relu,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+    "Sqrt": torch.sqrt,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Erf": torch.erf,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Reciprocal": torch.reciprocal,
+    "Sign": torch.sign,
+    "Softplus": F.softplus,
+    "Round": torch.round,
+    "Identity": lambda t: t,
 }
 
 
@@ -639,15 +690,19 @@ def _clip(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     return torch.clamp(ins[0], lo, hi)
 
 
+def _softmax(x: torch.Tensor, axis: int, opset: int, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+    if opset >= 13:
+        return fn(x, dim=axis)
+    # Before opset 13 the input is flattened to 2-D at `axis`.
+    axis %= max(x.dim(), 1)
+    flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
+    return fn(flat, dim=1).reshape(x.shape)
+
+
 def _softmax_like(fn: Callable[..., torch.Tensor]) -> _Op:
     def op(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
-        x = ins[0]
-        if tw.opset >= 13:
-            return fn(x, dim=int(node.attrs.get("axis", -1)))
-        # Before opset 13 the input is flattened to 2-D at `axis` (default 1).
-        axis = int(node.attrs.get("axis", 1)) % max(x.dim(), 1)
-        flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
-        return fn(flat, dim=1).reshape(x.shape)
+        default = -1 if tw.opset >= 13 else 1
+        return _softmax(ins[0], int(node.attrs.get("axis", default)), tw.opset, fn)
 
     return op
 
@@ -728,7 +783,7 @@ def _gather(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     axis = int(node.attrs.get("axis", 0)) % data.dim()
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
     out = torch.index_select(data, axis, idx.reshape(-1).to(data.device))
-    return out.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :])
+    return out.reshape([*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :]])
 
 
 @_op("Unsqueeze")
@@ -763,12 +818,17 @@ def _slice(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
         starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
         axes = list(node.attrs.get("axes", range(len(starts))))
         steps = [1] * len(starts)
-    index: list[Any] = [slice(None)] * x.dim()
     for s, e, a, st in zip(starts, ends, axes, steps):
-        if st <= 0:
-            raise UsageError(f"{node.where()}: Slice with step {st} is not supported by the twin")
-        index[a % x.dim()] = slice(s, e, st)
-    return x[tuple(index)]
+        if st == 0:
+            raise UsageError(f"{node.where()}: Slice step 0 is invalid")
+        a %= x.dim()
+        # Python's slice clamping is ONNX's (INT64 min/max stand for "to the end")
+        lo, hi, st = slice(s, e, st).indices(x.shape[a])
+        if st > 0:
+            x = x[(slice(None),) * a + (slice(lo, hi, st),)]
+        else:  # torch has no negative-step slicing
+            x = torch.index_select(x, a, torch.arange(lo, hi, st, device=x.device))
+    return x
 
 
 @_op("Split")
@@ -792,7 +852,7 @@ def _expand(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
 def _constant_of_shape(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     value = node.attrs.get("value")
     fill = torch.zeros(1) if value is None else _tensor_from_proto(value)[0]
-    return fill.reshape(-1)[0].expand(_ints(ins[0])).clone()
+    return fill.reshape(-1)[0].to(ins[0].device).expand(_ints(ins[0])).clone()
 
 
 @_op("Pad")
@@ -806,7 +866,11 @@ def _pad(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
         value = float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0
         axes = _ints(_arg(ins, 3)) if _arg(ins, 3) is not None else list(range(x.dim()))
     else:  # opset < 11: attributes
-        pads, value, axes = list(node.attrs["pads"]), float(node.attrs.get("value", 0.0)), list(range(x.dim()))
+        pads, value, axes = (
+            list(node.attrs["pads"]),
+            float(node.attrs.get("value", 0.0)),
+            list(range(x.dim())),
+        )
     n = len(axes)
     full = [0] * (2 * x.dim())
     for i, a in enumerate(axes):
@@ -836,7 +900,9 @@ def _cast(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
             return x.to(torch.int64)
         # float -> int truncates; keep the float carrier so gradients flow (straight through).
         return _TruncSTE.apply(x) if tw.ste else torch.trunc(x)
-    raise UsageError(f"{node.where()}: Cast to {helper.tensor_dtype_to_string(to)} is not supported by the twin")
+    raise UsageError(
+        f"{node.where()}: Cast to {helper.tensor_dtype_to_string(to)} is not supported by the twin"
+    )
 
 
 @_op("Constant")
@@ -915,9 +981,7 @@ class OnnxTwin(nn.Module):
     def __init__(self, model: onnx.ModelProto | str | Path, *, ste: bool = True, noise: bool = True) -> None:
         super().__init__()
         if not isinstance(model, onnx.ModelProto):
-            from rcdeploy.deploy.session import load_model_proto  # the one place files are parsed
-
-            model = load_model_proto(model)
+            model = load_model_proto(model)  # the one place files are parsed and checked
         self.ste, self.noise = ste, noise
         graph = model.graph
         opsets = {imp.domain or _STD: imp.version for imp in model.opset_import}
@@ -931,22 +995,37 @@ class OnnxTwin(nn.Module):
             raise UsageError(f"sparse initializer {t.values.name!r} is not supported by the twin")
         inputs = [vi.name for vi in graph.input if vi.name not in consts]
         if len(inputs) != 1:
-            raise UsageError(f"the twin takes models with exactly one input; this one has {len(inputs)}: {inputs}")
+            raise UsageError(
+                f"the twin takes models with exactly one input; this one has {len(inputs)}: {inputs}"
+            )
         self.input_name = inputs[0]
         self.output_names = [o.name for o in graph.output]
 
         nodes = []
         for n in graph.node:
-            node = _Node(n.name, n.op_type, "" if n.domain in ("", "ai.onnx") else n.domain, list(n.input),
-                         list(n.output), {a.name: helper.get_attribute_value(a) for a in n.attribute})
+            node = _Node(
+                n.name,
+                n.op_type,
+                "" if n.domain in ("", "ai.onnx") else n.domain,
+                list(n.input),
+                list(n.output),
+                {a.name: helper.get_attribute_value(a) for a in n.attribute},
+            )
             if (node.domain, node.op) not in _OPS:
                 where = f"{node.domain}:{node.op}" if node.domain else node.op
                 raise UsageError(
-                    f"op {where} (node {n.name!r}) is not supported by the differentiable twin; "
-                    f"supported: {', '.join(supported_ops())}"
+                    f"op {where} (node {n.name!r}) is not supported by the differentiable twin "
+                    f"(it interprets the {len(_OPS)} ops listed by rcdeploy.deploy.twin.supported_ops())"
                 )
             nodes.append(node)
         nodes = _topological(nodes, set(consts) | {self.input_name})
+        known = set(consts) | {self.input_name} | {o for n in nodes for o in n.outputs}
+        for node in nodes:
+            missing = [x for x in node.inputs if x and x not in known]
+            if missing:
+                raise UsageError(
+                    f"{node.where()} reads {missing[0]!r}, which no node, input or initializer provides"
+                )
 
         # Fold every node whose inputs are all constants (weight dequantization, Constant,
         # shape arithmetic on constants): the forward pass then runs only what depends on x.

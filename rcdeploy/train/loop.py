@@ -200,7 +200,16 @@ def _sparsity_for(cfg: TrainConfig, model: nn.Module):
                            **cfg.sparsity_params)
 
 
-def fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Reporter | None = None,
+def fit(cfg: TrainConfig, **kwargs: Any) -> RunResult:
+    """Train per `cfg` (see `_fit`), with torch's thread count set for the run and restored after."""
+    previous = torch.get_num_threads()
+    try:
+        return _fit(cfg, **kwargs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Reporter | None = None,
         stop_at: tuple[int, int] | None = None) -> RunResult:
     """Train per `cfg` (or continue the run `resume` points at); returns where it wrote and what it measured.
 
@@ -222,6 +231,8 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Reporte
         run_dir = None
 
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, device=device,
                         val_fraction=cfg.val_fraction, seed=cfg.seed)

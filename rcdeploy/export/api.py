@@ -1,0 +1,320 @@
+"""`rcdeploy export`: checkpoint -> verified integer ONNX (+ QONNX, .ort) and the sidecar model.json.
+
+Everything is built and verified in memory first; files are written only when every check passed,
+each to a temp file in the target folder and then renamed, so a failed export leaves nothing behind
+and never touches files already there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcdeploy.errors import UsageError, VerificationError
+from rcdeploy.quant.presets import FLOAT, bits_name, parse_bits
+from rcdeploy.quant.spec import QuantSpec, layer_bits, weight_layers
+
+FORMATS = ("qdq", "qonnx", "ort")
+QONNX_CHECK_IMAGES = 8  # qonnx's executor runs node by node (~0.5 s per ResNet-20 image)
+ORT_CHECK_IMAGES = 256
+
+
+def output_paths(output: str | Path) -> dict[str, Path]:
+    """Where each artifact goes, all next to `output` (which must end in .onnx)."""
+    out = Path(output)
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"output {str(out)!r} must be an .onnx file name, e.g. -o model.onnx")
+    stem = out.with_suffix("")
+    if out.name.lower().endswith(".qonnx.onnx"):
+        raise UsageError(f"output {str(out)!r}: name the integer model (e.g. model.onnx); the QONNX file is "
+                         "written next to it as model.qonnx.onnx")
+    return {"qdq": out, "qonnx": Path(f"{stem}.qonnx.onnx"), "ort": Path(f"{stem}.ort"),
+            "ort_config": Path(f"{stem}.required_operators.config"), "sidecar": Path(f"{stem}.json")}
+
+
+def parse_formats(formats: Sequence[str] | str) -> list[str]:
+    items = [formats] if isinstance(formats, str) else list(formats)
+    names: list[str] = []
+    for item in items:
+        for f in str(item).split(","):
+            f = f.strip().lower()
+            if not f:
+                continue
+            if f == "all":
+                names += list(FORMATS)
+            elif f in FORMATS:
+                names.append(f)
+            else:
+                raise UsageError(f"unknown export format {f!r}; choose from: {', '.join(FORMATS)}, all")
+    if not names:
+        raise UsageError(f"no export format given; choose from: {', '.join(FORMATS)}, all")
+    return [f for f in FORMATS if f in names]
+
+
+def write_files_atomically(files: dict[Path, bytes]) -> None:
+    """Write every file to a temp file in its folder, then rename them all; on failure remove the temps."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def heldout_images(data: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to n images never trained on: the validation split, topped up from the test split.
+
+    Verification picks nothing, so reading test images is safe; small datasets (digits: 144 val images)
+    need the top-up for a 99.5% agreement bar to be meaningful.
+    """
+    xs, ys = [data.val.x], [data.val.y]
+    if len(data.val) < n:
+        xs.append(data.test.x)
+        ys.append(data.test.y)
+    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+    if len(x) == 0:
+        raise UsageError(f"dataset {data.meta.name!r} has no held-out images to verify the export on")
+    return x.cpu(), y.cpu()
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    from rcdeploy.export.verify import torch_logits
+
+    return float((torch.from_numpy(torch_logits(model, x)).argmax(1) == y).float().mean())
+
+
+def _strip_noise(model: nn.Module, noise: bool) -> tuple[nn.Module, list[str]]:
+    """Noise-injection modules (class name ending in 'Noise'): the integer graph is deterministic."""
+    names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Noise")]
+    if not names:
+        return model, []
+    if noise:
+        raise UsageError(f"the model injects noise ({', '.join(names[:3])}); the exported graphs are "
+                         "deterministic: pass --no-noise to export it without the noise")
+    from rcdeploy.quant.spec import set_module
+
+    for n in names:
+        set_module(model, n, nn.Identity())
+    return model, names
+
+
+def _shrink(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
+    try:
+        from rcdeploy.export.shrink import shrink_model
+    except ImportError as e:
+        raise UsageError(f"--prune-channels is not available in this installation ({e})") from None
+    small, report = shrink_model(model, input_shape=input_shape)
+    return small.eval(), (report.to_dict() if hasattr(report, "to_dict") else dict(report))
+
+
+def _layer_table(model: nn.Module, ex: Any | None) -> list[dict[str, Any]]:
+    if ex is not None:
+        return [layer.to_dict() for layer in ex.layers]
+    rows = []
+    for name, m in weight_layers(model):
+        out = getattr(m, "out_channels", getattr(m, "out_features", None))
+        rows.append({"name": name, "weight_bits": layer_bits(m), "out_channels": out,
+                     "params": sum(p.numel() for n, p in m.named_parameters(recurse=False))})
+    return rows
+
+
+def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | str | None = None,
+                      prune_channels: bool = False, formats: Sequence[str] | str = ("qdq",),
+                      output: str | Path = "model.onnx", storage: str = "packed", verify_samples: int = 512,
+                      data_dir: str | Path | None = None, noise: bool = True) -> dict[str, Any]:
+    """Export a training checkpoint; returns a JSON-able summary (files, sizes, verification, kernels).
+
+    Raises UsageError for bad input and VerificationError when an exported file does not compute what
+    the PyTorch model computes; in both cases nothing is written.
+    """
+    from rcdeploy.data import load_dataset
+    from rcdeploy.export import sidecar
+    from rcdeploy.export.qdq import STORAGES, build_qdq, bytes_by_dtype
+    from rcdeploy.export.verify import MIN_AGREEMENT, compare_logits, kernel_report, torch_logits, verify_onnx
+    from rcdeploy.train.checkpoint import load_model
+
+    fmts = parse_formats(formats)
+    if storage not in STORAGES:
+        raise UsageError(f"unknown storage {storage!r}; choose one of: {', '.join(STORAGES)}")
+    if int(verify_samples) < 1:
+        raise UsageError(f"--verify-samples must be at least 1 (every export is verified), got {verify_samples}")
+    paths = output_paths(output)
+    for p in paths.values():
+        if p.is_dir():
+            raise UsageError(f"{p} is a folder; pass a file name with -o, e.g. -o {p / 'model.onnx'}")
+
+    model, ckpt = load_model(checkpoint)
+    meta = ckpt.get("dataset") or {}
+    if "name" not in meta or "shape" not in meta:
+        raise UsageError(f"{checkpoint}: the checkpoint names no dataset; re-train it with `rcdeploy train`")
+    input_shape = tuple(int(s) for s in meta["shape"])
+    spec = QuantSpec.from_dict(ckpt["model"]["quant"])
+    model, noise_removed = _strip_noise(model, noise)
+    cfg = ckpt.get("config") or {}
+    data = load_dataset(meta["name"], data_dir if data_dir is not None else cfg.get("data_dir"))
+    if tuple(data.meta.shape) != input_shape:
+        raise UsageError(f"dataset {meta['name']!r} now has images of shape {list(data.meta.shape)}, the checkpoint "
+                         f"was trained on {list(input_shape)}; pass the --data-dir it was trained with")
+    x_ver, y_ver = heldout_images(data, int(verify_samples))
+    notes: list[str] = []
+    summary: dict[str, Any] = {"checkpoint": str(checkpoint), "model": ckpt["model"]["name"],
+                               "dataset": meta["name"], "formats": fmts, "storage": storage}
+    if noise_removed:
+        notes.append(f"noise injection removed for export: {', '.join(noise_removed)}")
+
+    if prune_channels:
+        model, summary["pruning"] = _shrink(model, input_shape)
+
+    trained_bits = spec.bits
+    summary["trained_bits"] = trained_bits
+    summary["bits"] = trained_bits
+    if bits is not None:
+        want = parse_bits(bits)
+        if want == FLOAT:
+            raise UsageError("--bits float gives no integer model; export at the trained bits (omit --bits)")
+        if trained_bits != FLOAT and want > trained_bits:
+            raise UsageError(f"--bits {want} is above the {trained_bits} bits the model was trained with; omit --bits "
+                             "to export at the trained bits, or train at the wider width")
+        if want != trained_bits:
+            from rcdeploy.export.ptq import requantize
+
+            acc_before = _accuracy(model, x_ver, y_ver)
+            model, ptq = requantize(model, spec, want, data.train.x.cpu(), data.train.y.cpu())
+            acc_after = _accuracy(model, x_ver, y_ver)
+            ptq.update({"heldout_images": len(x_ver), "heldout_acc_before": acc_before,
+                        "heldout_acc_after": acc_after, "heldout_acc_change": acc_after - acc_before})
+            summary["ptq"] = ptq
+            summary["bits"] = want
+            msg = (f"weights quantized post-training from {bits_name(trained_bits)} to {bits_name(want)} (no "
+                   f"retraining): held-out accuracy {acc_before:.2%} -> {acc_after:.2%}; robustness was not re-measured "
+                   "(run `rcdeploy bench`)")
+            warnings.warn(msg, stacklevel=2)
+            notes.append(msg)
+
+    files: dict[Path, bytes] = {}
+    export_info: dict[str, Any] = {}
+    ex = None
+    if "qdq" in fmts or "ort" in fmts:
+        ex = build_qdq(model, input_shape, storage=storage, doc=f"rcdeploy export of {checkpoint}")
+        qdq_bytes = ex.to_bytes()
+        verification = verify_onnx(qdq_bytes, model, x_ver, y_ver, logit_step=ex.logit_step)
+        summary["verification"] = verification
+        kernels = kernel_report(qdq_bytes, ex.layer_macs)
+        if any(layer.storage == "int4" for layer in ex.layers):
+            plain = kernel_report(qdq_bytes, ex.layer_macs, widen=False)
+            kernels["plain_onnxruntime_integer_mac_share"] = plain.get("integer_mac_share")
+            notes.append("INT4 weights are packed: load with rcdeploy.deploy.session.open_session (widens them "
+                         "to INT8 in memory) for int8-kernel speed; plain onnxruntime runs them as float Conv "
+                         "(or export with --storage int8)")
+        summary["kernels"] = kernels
+        if kernels["float_conv_nodes"] or kernels.get("integer_mac_share", 1.0) < 1.0:
+            msg = (f"{kernels['float_conv_nodes']} float Conv node(s) remain in onnxruntime's optimized graph; "
+                   f"{kernels.get('integer_mac_share', 0.0):.1%} of MACs run in integer kernels")
+            warnings.warn(msg, stacklevel=2)
+            notes.append(msg)
+        export_info.update({
+            "layers": [layer.to_dict() for layer in ex.layers],
+            "activations": ex.act_quantizers,
+            "float_affine_ops": ex.float_affine_ops,
+        })
+        if "qdq" in fmts:
+            files[paths["qdq"]] = qdq_bytes
+            export_info.setdefault("files", {})[paths["qdq"].name] = {
+                "format": "onnx-qdq", "opset": 21, "bytes": len(qdq_bytes),
+                "bytes_by_dtype": bytes_by_dtype(ex.model), "storage": storage}
+        if "ort" in fmts:
+            from rcdeploy.deploy.session import run_logits
+            from rcdeploy.export.ort_format import check_ort_format, to_ort_format
+
+            ort_bytes, ort_config = to_ort_format(qdq_bytes, paths["ort"].name)
+            session = check_ort_format(ort_bytes)
+            xo = x_ver[:ORT_CHECK_IMAGES]
+            ort_check = compare_logits(torch_logits(model, xo), run_logits(session, xo.numpy()), ex.logit_step)
+            if ort_check["top1_agreement"] < MIN_AGREEMENT or not ort_check["finite"]:
+                raise VerificationError(f"the .ort file agrees with PyTorch on {ort_check['top1_agreement']:.2%} of "
+                                        f"{len(xo)} images (required {MIN_AGREEMENT:.1%}); nothing was written")
+            summary["ort_verification"] = ort_check
+            files[paths["ort"]] = ort_bytes
+            files[paths["ort_config"]] = ort_config.encode()
+            export_info.setdefault("files", {})[paths["ort"].name] = {
+                "format": "ort", "bytes": len(ort_bytes), "required_operators": paths["ort_config"].name}
+    if "qonnx" in fmts:
+        from rcdeploy.export.qonnx_export import check_qonnx, export_qonnx_bytes
+
+        qonnx_bytes = export_qonnx_bytes(model, input_shape)
+        summary["qonnx_verification"] = check_qonnx(qonnx_bytes, model, x_ver[:QONNX_CHECK_IMAGES])
+        files[paths["qonnx"]] = qonnx_bytes
+        export_info.setdefault("files", {})[paths["qonnx"].name] = {"format": "qonnx", "bytes": len(qonnx_bytes)}
+
+    layers = export_info.get("layers") or _layer_table(model, None)
+    export_info.setdefault("layers", layers)
+    export_info.update({
+        "input_name": "input", "output_name": "logits", "storage": storage,
+        "bits": {"trained": trained_bits, "exported": summary["bits"],
+                 "weights": {row["name"]: row.get("weight_bits") for row in layers},
+                 "activations": {k: v["bits"] for k, v in (ex.act_quantizers if ex else {}).items()}},
+        "channels_kept": {row["name"]: row.get("out_channels") for row in layers},
+        "params": int(sum(row.get("params", 0) for row in layers)),
+        "macs": int(sum(row.get("macs", 0) or 0 for row in layers)) if ex else None,
+        "verification": {k: summary.get(k) for k in ("verification", "ort_verification", "qonnx_verification")
+                         if k in summary},
+        "kernels": summary.get("kernels"),
+        "pruning": summary.get("pruning"),
+        "ptq": summary.get("ptq"),
+        "notes": notes,
+    })
+    card = sidecar.build_card(ckpt=ckpt, model_spec=ckpt["model"], export=export_info)
+    files[paths["sidecar"]] = sidecar.card_text(card).encode()
+
+    write_files_atomically(files)
+    summary["files"] = {str(p): len(b) for p, b in files.items()}
+    summary["params"] = export_info["params"]
+    summary["macs"] = export_info["macs"]
+    summary["notes"] = notes
+    return sidecar.jsonable(summary)
+
+
+def render_summary(summary: dict[str, Any], console: Any) -> None:
+    """Print an export summary as a small rich table (the CLI's human-readable output)."""
+    from rich.table import Table
+
+    table = Table(title=f"rcdeploy export: {summary.get('model')} on {summary.get('dataset')}", show_header=True)
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    for path, size in (summary.get("files") or {}).items():
+        table.add_row(path, f"{size:,}")
+    console.print(table)
+    ver = summary.get("verification")
+    if ver:
+        steps = ver.get("max_abs_logit_diff_steps")
+        console.print(f"verified on {ver['samples']} held-out images: top-1 agreement {ver['top1_agreement']:.2%}, "
+                      f"max |logit diff| {ver['max_abs_logit_diff']:.4g}"
+                      + (f" ({steps:.1f} feature steps)" if steps is not None else "")
+                      + (f", accuracy onnx {ver['onnx_accuracy']:.2%} / torch {ver['torch_accuracy']:.2%}"
+                         if "onnx_accuracy" in ver else ""))
+    kernels = summary.get("kernels")
+    if kernels and "integer_mac_share" in kernels:
+        console.print(f"onnxruntime integer kernels: {kernels['integer_mac_share']:.1%} of "
+                      f"{kernels['macs_total']:,} MACs; float Conv nodes: {kernels['float_conv_nodes']}")
+    q = summary.get("qonnx_verification")
+    if q:
+        console.print(f"QONNX checked with qonnx's executor on {q['samples']} images: agreement "
+                      f"{q['top1_agreement']:.0%}, max |logit diff| {q['max_abs_logit_diff']:.3g}")
+    for note in summary.get("notes") or []:
+        console.print(f"note: {note}")

@@ -1,0 +1,435 @@
+"""Structured channel sparsity during training: group lasso, RGSM and network slimming behind one interface.
+
+Every method works on the coupled channel groups of `rcdeploy.models.channels` (a channel is removable
+only when it is zero on every producer and BN of its group, so methods shrink and zero whole groups),
+at any bit width: the float weights under the quantizers are what gets zeroed, and a zero row quantizes
+to zero. A channel's *function vector* is what sets its value: gamma and beta of every BN of the group
+and the rows of producers without a BN of their own. Rows of a conv followed by its own BN are left out
+of norms and shrinkage (the BN normalizes their scale away, and shrinking them under a fixed learned
+quantizer scale would only round them to zero); they are zeroed together with their channel.
+
+How the trainer drives a method (`rcdeploy/train/loop.py`):
+
+    sp = create_sparsity(name, model, target=0.5, epochs=epochs)   # after calibration
+    loss = loss + (sp.penalty(model) or 0)                         # each step
+    optimizer.step(); sp.after_step(model, lr)                     # proximal steps / keep masks at zero
+    sp.end_epoch(model, epoch, epochs)                             # schedules
+    if epoch + 1 == sp.finetune_epoch(epochs): sp.start_finetune(model)  # fix the mask, then fine-tune
+    log sp.stats(model); checkpoint sp.state_dict()
+
+`start_finetune` fixes the mask: it prunes the channels with the smallest scores (normalized per group,
+ranked across all groups) to hit the target share exactly (as closely as `channel_multiple` allows),
+zeroes them, and `after_step` keeps them at zero from then on. A new method subclasses `Sparsity`,
+overrides the hooks it needs, and registers itself in `SPARSITY`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcdeploy.errors import UsageError
+from rcdeploy.models.channels import ChannelGroup, trace_channels, unwrap
+from rcdeploy.registry import Registry, drop_none
+
+SPARSITY: Registry[type[Sparsity]] = Registry("sparsity method")
+
+FINETUNE_AT = 0.7  # share of the epochs spent in the sparse phase before the mask is fixed
+MIN_KEEP = 0.1  # share of each group's channels that the mask never removes (at least one)
+STEPS_PER_EPOCH_GUESS = 100  # for per-step schedules in the first epoch, before a full epoch was counted
+
+
+def register_sparsity(name: str):
+    return SPARSITY.register(name)
+
+
+def _rows(t: torch.Tensor) -> tuple[int, ...]:
+    """View shape that broadcasts a per-channel [C] factor over a parameter of shape [C, ...]."""
+    return (-1,) + (1,) * (t.dim() - 1)
+
+
+def _sq_norms(params: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Per-channel squared L2 norms over parameters indexed by channel on dim 0 (on their device)."""
+    sq = None
+    for t in params:
+        s = t.detach().reshape(size, -1).float().pow(2).sum(1)
+        sq = s if sq is None else sq + s
+    return sq
+
+
+class Sparsity:
+    """Base: mask fixing, stats, checkpoint state. Hooks do nothing unless a method overrides them."""
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, *, target: float, channel_multiple: int = 1, epochs: int | None = None,
+                 steps_per_epoch: int | None = None, finetune_at: float = FINETUNE_AT,
+                 min_keep: float = MIN_KEEP) -> None:
+        if not 0.0 <= target < 1.0:
+            raise UsageError(f"channel pruning ratio must be in [0, 1), got {target}")
+        if int(channel_multiple) < 1:
+            raise UsageError(f"channel multiple must be >= 1, got {channel_multiple}")
+        if not 0.0 < finetune_at <= 1.0:
+            raise UsageError(f"fine-tune start must be a share of the epochs in (0, 1], got {finetune_at}")
+        if not 0.0 <= min_keep < 1.0:
+            raise UsageError(f"min_keep must be in [0, 1), got {min_keep}")
+        self.groups: list[ChannelGroup] = trace_channels(unwrap(model)).prunable()
+        if not self.groups:
+            raise UsageError("the model has no prunable channels (every channel feeds the input or output)")
+        self.target = float(target)
+        self.channel_multiple = int(channel_multiple)
+        self.epochs = epochs
+        self.finetune_at = float(finetune_at)
+        self.min_keep = float(min_keep)
+        self.masks: list[torch.Tensor] | None = None  # per group, True = pruned; set by start_finetune
+        self.epoch = 0
+        self.steps_this_epoch = 0
+        self.steps_per_epoch = int(steps_per_epoch or 0)
+
+    # -- the interface the trainer calls --------------------------------------------------------
+    @property
+    def finetuning(self) -> bool:
+        return self.masks is not None
+
+    def finetune_epoch(self, epochs: int) -> int:
+        """Epoch index at which the trainer calls `start_finetune`."""
+        return int(epochs * self.finetune_at)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """Differentiable term added to the loss (None: nothing to add)."""
+        return None
+
+    def after_step(self, model: nn.Module, lr: float) -> None:
+        """After each optimizer step: the method's proximal step, or keeping the fixed mask at zero."""
+        self.steps_this_epoch += 1
+        model = unwrap(model)
+        if self.finetuning:
+            self.apply_masks(model)
+        else:
+            self.sparse_step(model, lr)
+
+    def end_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        self.epoch = epoch + 1
+        self.epochs = epochs
+        if self.steps_this_epoch:
+            self.steps_per_epoch = self.steps_this_epoch
+        self.steps_this_epoch = 0
+
+    def start_finetune(self, model: nn.Module) -> None:
+        """Fix the mask: prune the lowest-scoring channels to hit the target share, and zero them."""
+        model = unwrap(model)
+        self.masks = self.fix_masks(self.scores(model))
+        self.apply_masks(model)
+
+    def stats(self, model: nn.Module) -> dict[str, Any]:
+        """Share of prunable channels that are removable now, in total and per group (by first producer)."""
+        model = unwrap(model)
+        layers: dict[str, float] = {}
+        dead = total = 0
+        for g in self.groups:
+            d = int((~g.alive(model)).sum())
+            layers[g.label] = round(d / g.size, 4)
+            dead += d
+            total += g.size
+        return {"method": self.name, "phase": "finetune" if self.finetuning else "sparse", "target": self.target,
+                "channel_sparsity": dead / total, "channels_removable": dead, "channels_prunable": total,
+                **self.extra_stats(), "layers": layers}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (tensors, numbers, strings): checkpoints load with weights_only=True."""
+        return {"method": self.name, "target": self.target, "channel_multiple": self.channel_multiple,
+                "epochs": self.epochs, "finetune_at": self.finetune_at, "min_keep": self.min_keep,
+                "epoch": self.epoch, "steps_this_epoch": self.steps_this_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "group_sizes": [g.size for g in self.groups],
+                "masks": None if self.masks is None else [m.clone() for m in self.masks],
+                "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name:
+            raise UsageError(f"sparsity state is for {state.get('method')!r}, not {self.name!r}")
+        if list(state["group_sizes"]) != [g.size for g in self.groups]:
+            raise UsageError("sparsity state does not fit this model's channel groups (another architecture?)")
+        self.target = float(state["target"])
+        self.channel_multiple = int(state["channel_multiple"])
+        self.epochs = state["epochs"]
+        self.finetune_at = float(state["finetune_at"])
+        self.min_keep = float(state["min_keep"])
+        self.epoch = int(state["epoch"])
+        self.steps_this_epoch = int(state["steps_this_epoch"])
+        self.steps_per_epoch = int(state["steps_per_epoch"])
+        self.masks = None if state["masks"] is None else [m.cpu().bool() for m in state["masks"]]
+        self.load_extra_state(state["extra"])
+
+    # -- what methods override -------------------------------------------------------------------
+    def sparse_step(self, model: nn.Module, lr: float) -> None:
+        """Per-step work in the sparse phase (model unwrapped)."""
+
+    def scores(self, model: nn.Module) -> list[torch.Tensor]:
+        """Per group, a CPU float score per channel, comparable across groups; the lowest are pruned.
+        Default: RMS of the function vector (norm / sqrt(its length))."""
+        return [(g.norms(model) / math.sqrt(max(1, g.params_per_channel(model)))) for g in self.groups]
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def apply_masks(self, model: nn.Module) -> None:
+        for g, mask in zip(self.groups, self.masks or []):
+            if mask.any():
+                g.zero_(model, mask)
+
+    def sparse_epochs(self) -> int:
+        """Epochs in the sparse phase (the whole run when the epoch count is not known yet)."""
+        return max(1, self.finetune_epoch(self.epochs)) if self.epochs else 1
+
+    def fix_masks(self, scores: list[torch.Tensor], warn: bool = True) -> list[torch.Tensor]:
+        """Greedy over channels in ascending score: prune until the share of removed channels reaches the
+        target, counting each group's kept channels rounded up to `channel_multiple`; never below
+        `min_keep` of a group (at least one channel)."""
+        sizes = [g.size for g in self.groups]
+        total = sum(sizes)
+        need = round(self.target * total)
+        m = self.channel_multiple
+
+        def removed(gi: int, kept: int) -> int:
+            return sizes[gi] - min(sizes[gi], math.ceil(kept / m) * m)
+
+        floor = [min(s, max(1, math.ceil(self.min_keep * s))) for s in sizes]
+        kept = list(sizes)
+        flat = torch.cat([s.float().cpu() for s in scores])
+        owner = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+        pruned = 0
+        for idx in torch.argsort(flat, stable=True).tolist():
+            if pruned >= need or not math.isfinite(flat[idx]):  # an infinite score: never pruned
+                break
+            gi = int(owner[idx])
+            if kept[gi] - 1 < floor[gi]:
+                continue
+            before = removed(gi, kept[gi])
+            kept[gi] -= 1
+            pruned += removed(gi, kept[gi]) - before
+        if pruned < need and warn:
+            warnings.warn(f"channel pruning reaches {pruned / total:.3f}, not the target {self.target:.3f}: "
+                          f"each group keeps at least {self.min_keep:.0%} of its channels", stacklevel=2)
+        masks = []
+        for gi, s in enumerate(scores):
+            keep_n = min(sizes[gi], math.ceil(kept[gi] / m) * m)
+            mask = torch.ones(sizes[gi], dtype=torch.bool)
+            mask[torch.topk(s.float().cpu(), keep_n, sorted=False).indices] = False
+            masks.append(mask)
+        return masks
+
+
+@register_sparsity("group-lasso")
+class GroupLasso(Sparsity):
+    """Proximal group lasso on each channel's function vector: after every optimizer step
+    v_c <- v_c * max(0, 1 - lr * strength * sqrt(n) / ||v_c||), which sets whole channels exactly to zero.
+
+    The strength is searched as training goes, so that the share of dead channels follows a ramp from 0
+    to the target, reached at `ramp` of the sparse phase: after each step it is multiplied by
+    exp(gain * (ramp share - dead share) / target) (clipped to [1/2, 2]). Channel death lags the
+    strength, so a search alone would overshoot, and a dead channel rarely comes back: the prox is applied
+    only to the channels ranked (by RMS of the function vector, as the final mask is) within the target
+    share, so the dead share never exceeds the target and the final mask mostly takes channels that are
+    already zero.
+    """
+
+    name = "group-lasso"
+
+    def __init__(self, model: nn.Module, *, target: float, strength: float = 1e-3, gain: float = 0.5,
+                 ramp: float = 0.8, **kw: Any) -> None:
+        super().__init__(model, target=target, **kw)
+        if strength <= 0 or gain <= 0 or not 0 < ramp <= 1:
+            raise UsageError("group lasso needs strength > 0, gain > 0 and ramp in (0, 1]")
+        self.strength = float(strength)
+        self.gain = float(gain)
+        self.ramp = float(ramp)
+
+    def desired(self) -> float:
+        """Dead share the ramp asks for now."""
+        spe = self.steps_per_epoch or STEPS_PER_EPOCH_GUESS
+        progress = (self.epoch + min(1.0, self.steps_this_epoch / spe)) / self.sparse_epochs()
+        return self.target * min(1.0, progress / self.ramp)
+
+    @torch.no_grad()
+    def sparse_step(self, model: nn.Module, lr: float) -> None:
+        norms = [_sq_norms(g.function_params(model), g.size).sqrt() for g in self.groups]
+        lengths = [max(1, g.params_per_channel(model)) for g in self.groups]
+        candidates = self.fix_masks([(n / math.sqrt(k)).cpu() for n, k in zip(norms, lengths)], warn=False)
+        dead = 0
+        for g, norm, k, cand in zip(self.groups, norms, lengths, candidates):
+            thr = lr * self.strength * math.sqrt(k)
+            factor = torch.clamp(1 - thr / norm.clamp_min(1e-30), min=0.0)
+            factor = torch.where(cand.to(factor.device), factor, torch.ones_like(factor))
+            for t in g.function_params(model):
+                t.mul_(factor.to(t.dtype).view(_rows(t)))
+            gone = factor == 0
+            if gone.any():
+                for t in g.follower_params(model):
+                    t[gone] = 0
+            dead += int(gone.sum())
+        if self.target > 0:
+            err = (self.desired() - dead / sum(g.size for g in self.groups)) / self.target
+            self.strength *= min(2.0, max(0.5, math.exp(self.gain * err)))
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"strength": self.strength}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"strength": self.strength, "gain": self.gain, "ramp": self.ramp}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.strength = float(state["strength"])
+        self.gain = float(state["gain"])
+        self.ramp = float(state["ramp"])
+
+
+@register_sparsity("rgsm")
+class RGSM(Sparsity):
+    """Relaxed group-wise splitting (Dinh et al., "Sparsity Meets Robustness", arXiv 2003.00631).
+
+    An auxiliary copy u of the group parameters is the group-L0 prox of w: a channel keeps its values in u
+    when its function-vector norm exceeds sqrt(2 * lambda1 / beta), else u is zero there (recomputed after
+    every step). The loss gets beta/2 ||w - u||^2, pulling below-threshold channels of w to zero, plus
+    lambda2 * sum_c ||v_c|| (our reading of the paper's second, group-lasso term); w <- u at the end of
+    every epoch makes those channels exactly zero. lambda1 sets a norm threshold, not a share, so the
+    share reached at the paper's defaults depends on the model: the mask fixed at `start_finetune` is
+    what hits the target.
+    """
+
+    name = "rgsm"
+
+    def __init__(self, model: nn.Module, *, target: float, beta: float = 1.0, lambda1: float = 1e-2,
+                 lambda2: float = 1e-5, **kw: Any) -> None:
+        super().__init__(model, target=target, **kw)
+        if beta <= 0 or lambda1 < 0 or lambda2 < 0:
+            raise UsageError("RGSM needs beta > 0 and lambda1, lambda2 >= 0")
+        self.beta = float(beta)
+        self.lambda1 = float(lambda1)
+        self.lambda2 = float(lambda2)
+        self.u: list[list[torch.Tensor]] = []
+        self.update_u(unwrap(model))
+
+    @property
+    def threshold(self) -> float:
+        return math.sqrt(2 * self.lambda1 / self.beta)
+
+    @torch.no_grad()
+    def update_u(self, model: nn.Module) -> None:
+        self.u = []
+        for g in self.groups:
+            keep = _sq_norms(g.function_params(model), g.size).sqrt() > self.threshold
+            self.u.append([t.detach() * keep.to(t.dtype).view(_rows(t)) for t in g.all_params(model)])
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        if self.finetuning:
+            return None
+        model = unwrap(model)
+        total = None
+        for g, us in zip(self.groups, self.u):
+            params = g.all_params(model)
+            term = sum(((t - u.to(t.device)) ** 2).sum() for t, u in zip(params, us)) * (self.beta / 2)
+            if self.lambda2:
+                fn = g.function_params(model)
+                sq = sum(t.reshape(g.size, -1).pow(2).sum(1) for t in fn)
+                term = term + self.lambda2 * (sq + 1e-12).sqrt().sum()
+            total = term if total is None else total + term
+        return total
+
+    def sparse_step(self, model: nn.Module, lr: float) -> None:
+        self.update_u(model)
+
+    @torch.no_grad()
+    def end_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        if not self.finetuning:
+            m = unwrap(model)
+            for g, us in zip(self.groups, self.u):
+                for t, u in zip(g.all_params(m), us):
+                    t.copy_(u)
+            self.update_u(m)
+        super().end_epoch(model, epoch, epochs)
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2,
+                "u": [[u.detach().cpu() for u in us] for us in self.u]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.beta = float(state["beta"])
+        self.lambda1 = float(state["lambda1"])
+        self.lambda2 = float(state["lambda2"])
+        self.u = [list(us) for us in state["u"]]
+
+
+@register_sparsity("slimming")
+class Slimming(Sparsity):
+    """Network slimming (Liu et al. 2017): L1 on the BatchNorm scales of prunable groups, then the channels
+    with the smallest |gamma| (RMS over the group's BNs) are pruned when the mask is fixed. Groups with no
+    BatchNorm are never pruned by this method."""
+
+    name = "slimming"
+
+    def __init__(self, model: nn.Module, *, target: float, strength: float = 1e-4, **kw: Any) -> None:
+        super().__init__(model, target=target, **kw)
+        if strength < 0:
+            raise UsageError("slimming strength must be >= 0")
+        self.strength = float(strength)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        if self.finetuning or not self.strength:
+            return None
+        model = unwrap(model)
+        gammas = [model.get_submodule(name).weight for g in self.groups for name in g.bns]
+        return self.strength * sum(w.abs().sum() for w in gammas) if gammas else None
+
+    def scores(self, model: nn.Module) -> list[torch.Tensor]:
+        out = []
+        for g in self.groups:
+            if not g.bns:
+                out.append(torch.full((g.size,), float("inf")))
+                continue
+            sq = sum(model.get_submodule(n).weight.detach().float().cpu() ** 2 for n in g.bns)
+            out.append((sq / len(g.bns)).sqrt())
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"strength": self.strength}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.strength = float(state["strength"])
+
+
+def create_sparsity(name: str, model: nn.Module, **kwargs: Any) -> Sparsity:
+    """Build a registered sparsity method; None kwargs fall back to the method's defaults."""
+    cls = SPARSITY.get(name)
+    kwargs = drop_none(kwargs)
+    accepted = _accepted_kwargs(cls)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise UsageError(f"sparsity method {name!r} has no setting {', '.join(unknown)}; "
+                         f"it accepts: {', '.join(sorted(accepted))}")
+    return cls(model, **kwargs)
+
+
+def _accepted_kwargs(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind is p.KEYWORD_ONLY:
+                names.add(p.name)
+    return names
