@@ -61,11 +61,14 @@ def parse_formats(formats: Sequence[str] | str) -> list[str]:
 def write_files_atomically(files: dict[Path, bytes]) -> None:
     """Write every file to a temp file in its folder, then rename them all; on failure remove the temps."""
     temps: list[tuple[str, Path]] = []
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temps.append((tmp, path))
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the files are for sharing
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -265,7 +268,7 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
     layers = export_info.get("layers") or _layer_table(model, None)
     export_info.setdefault("layers", layers)
     export_info.update({
-        "input_name": "input", "output_name": "logits", "storage": storage,
+        "storage": storage,
         "bits": {"trained": trained_bits, "exported": summary["bits"],
                  "weights": {row["name"]: row.get("weight_bits") for row in layers},
                  "activations": {k: v["bits"] for k, v in (ex.act_quantizers if ex else {}).items()}},

@@ -9,6 +9,7 @@ which a minimal build cannot re-derive from INT4 DequantizeLinear nodes.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -37,7 +38,13 @@ def to_ort_format(model: bytes | onnx.ModelProto, ort_name: str = "model.ort") -
         ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],
                              disabled_optimizers=["NchwcTransformer"])
         config_path = Path(tmp) / "required_operators.config"
-        create_config_from_models([ort_path], config_path, False)
+        tool_log = logging.getLogger("ort_format_model.utils")  # logs the temp path at INFO
+        level = tool_log.level
+        tool_log.setLevel(logging.WARNING)
+        try:
+            create_config_from_models([ort_path], config_path, False)
+        finally:
+            tool_log.setLevel(level)
         ort_bytes = ort_path.read_bytes()
         config = config_path.read_text().replace(str(ort_path), ort_name)
     return ort_bytes, config

@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rcdeploy.export.qdq import INPUT_NAME, OUTPUT_NAME
+
 FORMAT = "rcdeploy-model-card"
 VERSION = 1
 
@@ -79,11 +81,11 @@ def build_card(*, ckpt: dict[str, Any], model_spec: dict[str, Any], export: dict
         "version": VERSION,
         "model": model_spec,
         "dataset": meta,
-        "input": {"name": export.get("input_name", "input"), "shape": ["batch", *shape], "dtype": "float32",
+        "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32",
                   "layout": "NCHW", "range": [0.0, 1.0],
                   "normalization": "inside the model (mean/std below are applied by the graph)",
                   "mean": meta.get("mean"), "std": meta.get("std")},
-        "output": {"name": export.get("output_name", "logits"), "kind": "logits",
+        "output": {"name": OUTPUT_NAME, "kind": "logits",
                    "classes": meta.get("classes")},
         "training": training_summary(ckpt),
         "training_metrics": {"last": ckpt.get("metrics") or {}, "best": ckpt.get("best")},

@@ -316,10 +316,11 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
                 optimizer.step()
                 if sparsity is not None:
                     sparsity.after_step(model, optimizer.param_groups[0]["lr"])
-                partial["loss"] += float(loss) * len(y)
+                loss_value = float(loss.detach())
+                partial["loss"] += loss_value * len(y)
                 partial["correct"] += int((logits.argmax(1) == y).sum())
                 partial["seen"] += len(y)
-                reporter.batch(float(loss), len(y))
+                reporter.batch(loss_value, len(y))
             start_batch = 0
             if sparsity is not None:
                 sparsity.end_epoch(model, epoch, cfg.epochs)

@@ -233,44 +233,54 @@ class Sparsity:
 
 @register_sparsity("group-lasso")
 class GroupLasso(Sparsity):
-    """Proximal group lasso on each channel's function vector: after every optimizer step
+    """Proximal group lasso on each channel's function vector v_c (n values): after every optimizer step
     v_c <- v_c * max(0, 1 - lr * strength * sqrt(n) / ||v_c||), which sets whole channels exactly to zero.
 
-    The strength is searched as training goes, so that the share of dead channels follows a ramp from 0
-    to the target, reached at `ramp` of the sparse phase: after each step it is multiplied by
-    exp(gain * (ramp share - dead share) / target) (clipped to [1/2, 2]). Channel death lags the
-    strength, so a search alone would overshoot, and a dead channel rarely comes back: the prox is applied
-    only to the channels ranked (by RMS of the function vector, as the final mask is) within the target
-    share, so the dead share never exceeds the target and the final mask mostly takes channels that are
-    already zero.
+    The strength is searched at every step so that the dead share follows a ramp from 0 to the target,
+    reached at `ramp` of the sparse phase. Channels die when their norm runs out, so the strength is set
+    from the norms themselves: with channels ranked by RMS (norm / sqrt(n)), the one the ramp wants dead
+    `horizon` epochs from now is shrunk to zero in that time (absent its gradient); `boost` multiplies this
+    and adapts slowly (integral control) to the gradients' push-back. When enough channels are dead already
+    the strength is zero: no search overshoot. The prox acts only on the channels ranked within the target
+    share (the same ranking as the final mask), so the dead share never exceeds the target and the mask
+    fixed at `start_finetune` mostly takes channels that are already zero.
     """
 
     name = "group-lasso"
 
-    def __init__(self, model: nn.Module, *, target: float, strength: float = 1e-3, gain: float = 0.5,
-                 ramp: float = 0.8, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, *, target: float, ramp: float = 0.8, horizon: float = 1.0,
+                 gain: float = 0.1, **kw: Any) -> None:
         super().__init__(model, target=target, **kw)
-        if strength <= 0 or gain <= 0 or not 0 < ramp <= 1:
-            raise UsageError("group lasso needs strength > 0, gain > 0 and ramp in (0, 1]")
-        self.strength = float(strength)
-        self.gain = float(gain)
+        if not 0 < ramp <= 1 or horizon <= 0 or gain < 0:
+            raise UsageError("group lasso needs ramp in (0, 1], horizon > 0 (epochs) and gain >= 0")
         self.ramp = float(ramp)
+        self.horizon = float(horizon)
+        self.gain = float(gain)
+        self.boost = 1.0
+        self.strength = 0.0  # the lambda of the last step (reported)
 
-    def desired(self) -> float:
-        """Dead share the ramp asks for now."""
+    def desired(self, ahead: int = 0) -> float:
+        """Dead share the ramp asks for now, or `ahead` steps from now."""
         spe = self.steps_per_epoch or STEPS_PER_EPOCH_GUESS
-        progress = (self.epoch + min(1.0, self.steps_this_epoch / spe)) / self.sparse_epochs()
+        progress = (self.epoch + (self.steps_this_epoch + ahead) / spe) / self.sparse_epochs()
         return self.target * min(1.0, progress / self.ramp)
 
     @torch.no_grad()
     def sparse_step(self, model: nn.Module, lr: float) -> None:
         norms = [_sq_norms(g.function_params(model), g.size).sqrt() for g in self.groups]
         lengths = [max(1, g.params_per_channel(model)) for g in self.groups]
-        candidates = self.fix_masks([(n / math.sqrt(k)).cpu() for n, k in zip(norms, lengths)], warn=False)
+        scores = [(n / math.sqrt(k)).cpu() for n, k in zip(norms, lengths)]
+        candidates = self.fix_masks(scores, warn=False)
+        flat = torch.cat(scores)
+        total = flat.numel()
+        horizon = max(1, round(self.horizon * (self.steps_per_epoch or STEPS_PER_EPOCH_GUESS)))
+        k = min(total, math.ceil(self.desired(ahead=horizon) * total))
+        tau = float(torch.kthvalue(flat, k).values) if k > 0 else 0.0
+        rms_step = self.boost * tau / horizon  # shrink per step, in RMS units
+        self.strength = rms_step / lr if lr > 0 else 0.0
         dead = 0
-        for g, norm, k, cand in zip(self.groups, norms, lengths, candidates):
-            thr = lr * self.strength * math.sqrt(k)
-            factor = torch.clamp(1 - thr / norm.clamp_min(1e-30), min=0.0)
+        for g, norm, n, cand in zip(self.groups, norms, lengths, candidates):
+            factor = torch.clamp(1 - rms_step * math.sqrt(n) / norm.clamp_min(1e-30), min=0.0)
             factor = torch.where(cand.to(factor.device), factor, torch.ones_like(factor))
             for t in g.function_params(model):
                 t.mul_(factor.to(t.dtype).view(_rows(t)))
@@ -280,19 +290,22 @@ class GroupLasso(Sparsity):
                     t[gone] = 0
             dead += int(gone.sum())
         if self.target > 0:
-            err = (self.desired() - dead / sum(g.size for g in self.groups)) / self.target
-            self.strength *= min(2.0, max(0.5, math.exp(self.gain * err)))
+            err = (self.desired() - dead / total) / self.target
+            self.boost = min(64.0, max(0.25, self.boost * math.exp(self.gain * err)))
 
     def extra_stats(self) -> dict[str, Any]:
-        return {"strength": self.strength}
+        return {"strength": self.strength, "boost": self.boost}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"strength": self.strength, "gain": self.gain, "ramp": self.ramp}
+        return {"ramp": self.ramp, "horizon": self.horizon, "gain": self.gain, "boost": self.boost,
+                "strength": self.strength}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.strength = float(state["strength"])
-        self.gain = float(state["gain"])
         self.ramp = float(state["ramp"])
+        self.horizon = float(state["horizon"])
+        self.gain = float(state["gain"])
+        self.boost = float(state["boost"])
+        self.strength = float(state["strength"])
 
 
 @register_sparsity("rgsm")
