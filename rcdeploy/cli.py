@@ -41,9 +41,25 @@ def cli() -> None:
 
 
 # ----------------------------------------------------------------------------------------- train
+def _key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
+    """('lambda1=0.05', 'beta=1') -> {'lambda1': 0.05, 'beta': 1}; values read as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--{what.replace('_', '-')[:-1]} {item!r}: write KEY=VALUE, e.g. lambda1=0.05")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
 @cli.command()
 @click.option("--config", "recipe", help="Recipe YAML (path or bundled name); default: the quick-start recipe.")
-@click.option("--model", help="Model name (e.g. small_cnn, resnet20, preact_resnet18, mobilenetv2).")
+@click.option("--model", help="Model name (e.g. small_cnn, resnet20, preact_resnet18, mobilenetv2, en5resnet20).")
 @click.option("--width", type=float, help="Channel width multiplier.")
 @click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, svhn or folder:PATH.")
 @click.option("--data-dir", help="Folder holding the dataset files (default $RCDEPLOY_DATA or ./data).")
@@ -55,13 +71,23 @@ def cli() -> None:
 @click.option("--steps", type=int, help="Attack steps during training (pgd, trades).")
 @click.option("--step-size", help="Attack step size, e.g. 2/255 (default 2.5*eps/steps).")
 @click.option("--beta", type=float, help="TRADES trade-off weight.")
+@click.option("--quant", "quant_method", help="Weight quantization training: qat (default) or binary-relax.")
+@click.option("--br-lambda", type=float, help="Binary-Relax: initial lambda of (w + lambda Q(w)) / (1 + lambda).")
+@click.option("--br-growth", type=float, help="Binary-Relax: lambda multiplier per epoch, e.g. 1.05.")
+@click.option("--eot", type=int, help="Noise draws per evaluation for stochastic models (EnResNet), e.g. 5.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Extra model setting, repeatable, e.g. --model-arg noise=0 (EnResNet without noise).")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
+@click.option("--train-samples", type=int, help="Train on a seeded subset of this many images (short runs).")
 @click.option("--lr", type=float)
 @click.option("--schedule", help="cosine, piecewise or constant.")
 @click.option("--optimizer", help="sgd or adam.")
 @click.option("--prune-channels", type=float, help="Target share of prunable channels to remove, e.g. 0.5.")
-@click.option("--sparsity", help="Structured sparsity method: group-lasso, rgsm, slimming, ...")
+@click.option("--sparsity", help="Sparsity method: group-lasso, rgsm, slimming (channels); rvsm, admm (weights).")
+@click.option("--sparsity-param", "sparsity_params", multiple=True, metavar="KEY=VALUE",
+              help="Sparsity method setting, repeatable, e.g. --sparsity-param lambda1=0.05 (rgsm).")
+@click.option("--prune-weights", type=float, help="rvsm/admm: target share of weights zeroed, e.g. 0.8.")
 @click.option("--channel-multiple", type=int, help="Round kept channel counts up to a multiple.")
 @click.option("--seed", type=int)
 @click.option("--device", help="auto, cpu or cuda.")
@@ -76,6 +102,8 @@ def train(recipe: str | None, resume: str | None, json_path: str | None, **overr
     from rcdeploy.train.loop import fit
     from rcdeploy.train.progress import RichReporter
 
+    for key in ("sparsity_params", "model_args"):
+        overrides[key] = _key_values(overrides[key], key) if overrides.get(key) else None
     if resume is not None:
         cfg = make_config(None, {"epochs": overrides.get("epochs"), "device": overrides.get("device")})
     else:
@@ -131,24 +159,34 @@ def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str
               help="Comma list: fgsm, ifgsmN, pgdN, cwN, squareN (or 'none').")
 @click.option("--dataset", help="Dataset (default: the sidecar model.json's).")
 @click.option("--data-dir", help="Dataset folder.")
-@click.option("--samples", type=int, help="Test images to use (default: all, up to 1000).")
-@click.option("--eps", help="L-inf eps (default: the sidecar's training eps, else the dataset's).")
-@click.option("--step", help="Step size for iterative attacks (default eps/4).")
-@click.option("--restarts", type=int, default=1, show_default=True)
-@click.option("--eot", type=int, default=1, show_default=True, help="Gradient averaging draws (stochastic models).")
-@click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True)
-@click.option("--batch-sizes", default="1,64", show_default=True, help="Latency batch sizes.")
+@click.option("--samples", type=int, help="Test images to score (default: all, up to 1000).")
+@click.option("--eps", help="L-inf eps in [0, 1] image units, e.g. 8/255 (default: the sidecar's training eps, "
+              "else the dataset's).")
+@click.option("--step", help="Step size of iterative attacks (default eps/4).")
+@click.option("--restarts", type=int, default=1, show_default=True, help="Random restarts (pgd, cw, square).")
+@click.option("--eot", type=int, default=1, show_default=True,
+              help="Stochastic graphs: gradient draws per step and onnxruntime draws per accuracy.")
+@click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True,
+              help="Latency profile: cpu (all cores, batched) or mobile (1 thread, batch 1).")
+@click.option("--batch-sizes", default="1,64", show_default=True, help="Latency batch sizes (cpu target).")
+@click.option("--latency-seconds", type=float, default=1.0, show_default=True,
+              help="Timed seconds per batch size, at least (more while medians are unstable).")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--threads", type=int, help="torch / scoring threads for the attacks (default: 1 for tiny inputs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", help="Write the full report as JSON to FILE ('-' for stdout).")
-@click.option("--csv", "csv_path", help="Append one summary row to FILE.")
-def bench(model: str, **kwargs: Any) -> None:
+@click.option("--csv", "csv_path", help="Append one summary row to FILE (header when new).")
+def bench(model: str, no_latency: bool, latency_seconds: float, **kwargs: Any) -> None:
     """Latency, size, clean and robust accuracy of a deployed ONNX file, in onnxruntime."""
     from rcdeploy.deploy.bench import bench_model
     from rcdeploy.deploy.report import append_csv, render_bench
 
     json_path, csv_path = kwargs.pop("json_path"), kwargs.pop("csv_path")
-    report = bench_model(model, **kwargs)
-    render_bench(report, _console(stderr=False))
+    if latency_seconds <= 0:
+        raise UsageError(f"--latency-seconds must be > 0, got {latency_seconds}")
+    report = bench_model(model, latency=not no_latency, latency_seconds=latency_seconds, **kwargs)
+    # With --json -, stdout carries the JSON alone; the table goes to stderr.
+    render_bench(report, _console(stderr=json_path == "-"))
     _write_json(json_path, report)
     if csv_path:
         append_csv(csv_path, report)
@@ -157,29 +195,31 @@ def bench(model: str, **kwargs: Any) -> None:
 # --------------------------------------------------------------------------------------- compare
 @cli.command()
 @click.argument("reports", nargs=-1, required=True, type=click.Path())
-@click.option("--plot", help="Write a Pareto plot (PNG) of accuracy vs size and latency.")
-@click.option("--json", "json_path", help="Write the comparison as JSON.")
+@click.option("--plot", help="Write a Pareto plot (PNG) of accuracy vs size and latency (needs matplotlib).")
+@click.option("--json", "json_path", help="Write the comparison as JSON ('-' for stdout).")
 def compare(reports: tuple[str, ...], plot: str | None, json_path: str | None) -> None:
     """Table (and Pareto plot) of several `bench --json` reports."""
     from rcdeploy.deploy.report import compare_reports, render_compare
 
     table = compare_reports(list(reports), plot=plot)
-    render_compare(table, _console(stderr=False))
+    render_compare(table, _console(stderr=json_path == "-"))
     _write_json(json_path, table)
 
 
 # --------------------------------------------------------------------------------------- inspect
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--json", "json_path", help="Write the report as JSON.")
-def inspect(model: str, json_path: str | None) -> None:
+@click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True,
+              help="Session profile whose optimized graph is inspected.")
+@click.option("--json", "json_path", help="Write the report as JSON ('-' for stdout).")
+def inspect(model: str, target: str, json_path: str | None) -> None:
     """Op histogram (as stored and as onnxruntime runs it), integer-kernel MAC share, bytes by dtype."""
     from rcdeploy.deploy.inspect import inspect_model
     from rcdeploy.deploy.report import render_inspect
 
-    report = inspect_model(model)
-    render_inspect(report, _console(stderr=False))
-    _write_json(json_path, report.to_dict() if hasattr(report, "to_dict") else report)
+    report = inspect_model(model, target=target)
+    render_inspect(report, _console(stderr=json_path == "-"))
+    _write_json(json_path, report.to_dict())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,12 @@ class TrainConfig:
     act_bits: int | str = 8
     first_last_bits: int | str | None = 8
     bit_overrides: dict[str, int | str] = field(default_factory=dict)  # fnmatch layer pattern -> bits
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra model settings, e.g. {noise: 0.1} (EnResNet)
+    quant_method: str = "qat"            # qat | binary-relax (relaxed weights, then exact Q(w); see quant/binary_relax)
+    br_lambda: float = 1.0               # binary-relax: initial lambda in w_r = (w + lambda Q(w)) / (1 + lambda)
+    br_growth: float = 1.05              # binary-relax: lambda *= growth after every epoch
+    br_exact_fraction: float = 0.2       # binary-relax: last share of epochs on exact Q(w) (at least one epoch)
+    br_exact_lr: float = 0.1             # binary-relax: learning-rate factor in the exact phase
     # adversarial objective
     adv: str = "pgd"                     # none | fgsm-rs | pgd | trades
     eps: float | str | None = None       # L-inf, image units in [0, 1]; None: the dataset's literature default
@@ -42,6 +48,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 15
     batch_size: int = 128
+    train_samples: int | None = None     # cap on training images (a seeded subset), for short runs
     optimizer: str = "sgd"               # sgd | adam
     lr: float = 0.1
     momentum: float = 0.9
@@ -54,9 +61,12 @@ class TrainConfig:
     # evaluation (validation split, every epoch)
     val_attack: str = "pgd20"
     val_samples: int | None = 1000       # cap on validation images per epoch (None: all)
+    eot: int = 1                         # noise draws per evaluation, for stochastic models (EnResNet): attack
+                                         # gradients are averaged over them, accuracy is the mean over them
     # structured channel sparsity
     prune_channels: float = 0.0          # target share of prunable channels removed (0 = off)
-    sparsity: str = "group-lasso"        # group-lasso | rgsm | slimming | ...
+    sparsity: str = "group-lasso"        # group-lasso | rgsm | slimming (channels); rvsm | admm (weights)
+    prune_weights: float = 0.0           # rvsm | admm: target share of weights zeroed (admm needs it; rvsm reports it)
     sparsity_params: dict[str, Any] = field(default_factory=dict)
     channel_multiple: int = 1
     finetune_fraction: float = 0.3       # last share of epochs: mask fixed, the rest fine-tuned
@@ -83,6 +93,16 @@ class TrainConfig:
             raise UsageError("--lr must be > 0")
         if not 0 <= self.prune_channels < 1:
             raise UsageError(f"--prune-channels {self.prune_channels} must be in [0, 1)")
+        if not 0 <= self.prune_weights < 1:
+            raise UsageError(f"--prune-weights {self.prune_weights} must be in [0, 1)")
+        if int(self.eot) < 1:
+            raise UsageError("--eot must be >= 1")
+        if self.train_samples is not None and int(self.train_samples) < 1:
+            raise UsageError("--train-samples must be >= 1")
+        if self.quant_method not in QUANT_METHODS:
+            raise UsageError(f"unknown quantization method {self.quant_method!r}; known: {', '.join(QUANT_METHODS)}")
+        if not isinstance(self.model_args, dict):
+            raise UsageError("model_args must be a mapping of model settings, e.g. {noise: 0.1}")
         if self.adv not in ADVERSARIES:
             raise UsageError(f"unknown adversary {self.adv!r}; known: {', '.join(ADVERSARIES)}")
         if self.schedule not in ("cosine", "piecewise", "constant"):
@@ -95,6 +115,8 @@ class TrainConfig:
 
 
 ADVERSARIES = ("none", "fgsm-rs", "pgd", "trades")
+QUANT_METHODS = ("qat", "binary-relax")
+MERGED_SETTINGS = ("sparsity_params", "model_args")  # mappings that overrides extend rather than replace
 
 
 def parse_fraction(value: float | int | str, what: str = "value") -> float:
@@ -133,7 +155,13 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
 def make_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < recipe < overrides (None values in overrides are ignored)."""
     values: dict[str, Any] = load_recipe(recipe) if recipe is not None else {}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if key in MERGED_SETTINGS and isinstance(v, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **v}  # e.g. --sparsity-param lambda1=0.05 keeps the recipe's beta
+        else:
+            values[key] = v
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

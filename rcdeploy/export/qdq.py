@@ -130,23 +130,21 @@ class _Pending:
 
 
 class _Builder:
+    """Nodes and initializers of the graph. Names are short counters (they are a visible share of a
+    4-bit file); only the Conv/Gemm/Add/pool nodes carry a name, the module they come from."""
+
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
-        self._names: set[str] = set()
+        self._count = 0
         self._scalar_cache: dict[tuple, str] = {}
-        self.last_node = ""
 
-    def name(self, base: str) -> str:
-        base = base.replace(".", "_") or "t"
-        cand, i = base, 1
-        while cand in self._names:
-            cand, i = f"{base}_{i}", i + 1
-        self._names.add(cand)
-        return cand
+    def fresh(self, kind: str = "t") -> str:
+        self._count += 1
+        return f"{kind}{self._count}"
 
-    def init(self, base: str, array: np.ndarray) -> str:
-        name = self.name(base)
+    def init(self, kind: str, array: np.ndarray) -> str:
+        name = self.fresh(kind)
         self.inits.append(numpy_helper.from_array(array, name))
         return name
 
@@ -155,23 +153,22 @@ class _Builder:
         arr = np.array(value, dtype=dtype)
         key = (np.dtype(dtype).str, arr.tobytes())
         if key not in self._scalar_cache:
-            self._scalar_cache[key] = self.init(f"c{len(self._scalar_cache)}", arr)
+            self._scalar_cache[key] = self.init("s", arr)
         return self._scalar_cache[key]
 
-    def node(self, op: str, inputs: list[str], base: str, out: str | None = None, **attrs: Any) -> str:
-        out = out or self.name(base)
-        self.last_node = self.name(f"{base}_{op}")
-        self.nodes.append(helper.make_node(op, inputs, [out], name=self.last_node, **attrs))
+    def node(self, op: str, inputs: list[str], name: str | None = None, out: str | None = None, **attrs: Any) -> str:
+        out = out or self.fresh()
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
         return out
 
-    def dq(self, q: _Quant, base: str) -> str:
+    def dq(self, q: _Quant) -> str:
         """A fresh DequantizeLinear per consumer: QDQ node units must not share a DQ."""
-        return self.node("DequantizeLinear", [q.name, q.scale_init, q.zp_init], f"{base}_dq")
+        return self.node("DequantizeLinear", [q.name, q.scale_init, q.zp_init])
 
-    def q(self, x: str, scale: float, zero_point: int, base: str, bits: int = 8) -> _Quant:
+    def q(self, x: str, scale: float, zero_point: int, bits: int = 8) -> _Quant:
         scale_init = self.scalar(scale, np.float32)
         zp_init = self.scalar(zero_point, np.uint8)
-        out = self.node("QuantizeLinear", [x, scale_init, zp_init], base)
+        out = self.node("QuantizeLinear", [x, scale_init, zp_init])
         return _Quant(out, float(np.float32(scale)), zero_point, scale_init, zp_init, bits)
 
 
@@ -242,12 +239,12 @@ def _fold_bn(p: _Pending, bn: nn.BatchNorm2d) -> None:
     p.negative_gains = int((g < 0).sum())
 
 
-def _weight_tensor(b: _Builder, base: str, w_int: np.ndarray, bits: int, storage: str) -> tuple[str, str]:
+def _weight_tensor(b: _Builder, w_int: np.ndarray, bits: int, storage: str) -> tuple[str, str]:
     if storage == "packed" and bits <= 4:
         # ml_dtypes.int4 arrays are written packed (two values per byte) by onnx.numpy_helper;
         # a tensor built from a Python list is not.
-        return b.init(f"{base}_w", w_int.astype(ml_dtypes.int4)), "int4"
-    return b.init(f"{base}_w", w_int.astype(np.int8)), "int8"
+        return b.init("w", w_int.astype(ml_dtypes.int4)), "int4"
+    return b.init("w", w_int.astype(np.int8)), "int8"
 
 
 class _Writer:
@@ -264,64 +261,81 @@ class _Writer:
     # -- materialization -------------------------------------------------------------------------
     def emit_linear(self, p: _Pending, out_q: tuple[float, int, int] | None, out_name: str | None = None
                     ) -> _Quant | _Float:
+        """Write a pending conv/linear: QDQ form (fuses to QLinearConv / QGemm), or ConvInteger for a conv
+        whose output stays float (PreAct blocks add the raw conv output to the shortcut)."""
         b = self.b
         base = p.module_name
-        x_dq = b.dq(p.x, base)
-        w_name, stored = _weight_tensor(b, base, p.w_int, p.bits, self.storage)
-        w_scale32 = p.w_scale.astype(np.float32)
-        w_scale_name = b.init(f"{base}_ws", w_scale32)
-        w_inputs = [w_name, w_scale_name]
-        if isinstance(p.module, qnn.QuantLinear):
-            # onnxruntime 1.31 fuses DQ -> Gemm into QGemm only when the weight DQ names its zero point
-            # (DQ -> Conv fuses without one, so convolutions save those bytes).
-            zeros = np.zeros(len(w_scale32), np.int8)
-            w_inputs.append(b.init(f"{base}_wz", zeros.astype(ml_dtypes.int4) if stored == "int4" else zeros))
-        w_dq = b.node("DequantizeLinear", w_inputs, f"{base}_wdq", axis=0)
-        # Bias at the accumulator's scale, computed in float32 exactly as the integer kernel will.
-        b_scale32 = (np.float32(p.x.scale) * w_scale32).astype(np.float32)
-        b_int = np.clip(np.round(p.bias / b_scale32.astype(np.float64)), _INT32.min, _INT32.max).astype(np.int32)
-        b_name = b.init(f"{base}_b", b_int)
-        b_scale_name = b.init(f"{base}_bs", b_scale32)
-        b_dq = b.node("DequantizeLinear", [b_name, b_scale_name], f"{base}_bdq", axis=0)
         m = p.module
-        if isinstance(m, qnn.QuantConv2d):
-            if isinstance(m.padding, str):
-                raise UsageError(f"layer {base}: string padding {m.padding!r} is not supported by the integer export")
-            if m.padding_mode != "zeros":
-                raise UsageError(f"layer {base}: padding mode {m.padding_mode!r} is not supported (zeros only)")
-            ph, pw = m.padding
-            y = b.node("Conv", [x_dq, w_dq, b_dq], base, out=None if out_q else out_name,
-                       kernel_shape=list(m.kernel_size), strides=list(m.stride), pads=[ph, pw, ph, pw],
-                       dilations=list(m.dilation), group=m.groups)
+        is_conv = isinstance(m, qnn.QuantConv2d)
+        w_scale32 = p.w_scale.astype(np.float32)
+        # Bias at the accumulator's scale, computed in float32 exactly as the integer kernel will.
+        acc_scale32 = (np.float32(p.x.scale) * w_scale32).astype(np.float32)
+        b_int = np.clip(np.round(p.bias / acc_scale32.astype(np.float64)), _INT32.min, _INT32.max).astype(np.int32)
+        conv_integer = is_conv and out_q is None
+        if conv_integer:
+            # DQ -> Conv without an output Q does not fuse (onnxruntime keeps a float Conv); ConvInteger keeps
+            # the MACs on integers and rescales the exact int32 sums per channel afterwards.
+            w_name, stored = b.init("w", p.w_int.astype(np.int8)), "int8"
+            y = b.node("ConvInteger", [p.x.name, w_name, p.x.zp_init, b.scalar(0, np.int8)], base,
+                       **self._conv_attrs(m, base))
+            y = b.node("Cast", [y], to=TensorProto.FLOAT)
+            y = b.node("Mul", [y, b.init("as", acc_scale32.reshape(1, -1, 1, 1))])
+            bias = (b_int.astype(np.float64) * acc_scale32).astype(np.float32).reshape(1, -1, 1, 1)
+            y = b.node("Add", [y, b.init("b", bias)], out=out_name)
+        else:
+            x_dq = b.dq(p.x)
+            w_name, stored = _weight_tensor(b, p.w_int, p.bits, self.storage)
+            w_inputs = [w_name, b.init("ws", w_scale32)]
+            if not is_conv:
+                # onnxruntime 1.31 fuses DQ -> Gemm into QGemm only when the weight DQ names its zero point
+                # (DQ -> Conv fuses without one, so convolutions save those bytes).
+                zeros = np.zeros(len(w_scale32), np.int8)
+                w_inputs.append(b.init("wz", zeros.astype(ml_dtypes.int4) if stored == "int4" else zeros))
+            w_dq = b.node("DequantizeLinear", w_inputs, axis=0)
+            b_dq = b.node("DequantizeLinear", [b.init("b", b_int), b.init("bs", acc_scale32)], axis=0)
+            if is_conv:
+                y = b.node("Conv", [x_dq, w_dq, b_dq], base, out=None if out_q else out_name,
+                           **self._conv_attrs(m, base))
+            else:
+                y = b.node("Gemm", [x_dq, w_dq, b_dq], base, out=None if out_q else out_name, alpha=1.0,
+                           beta=1.0, transA=0, transB=1)
+        if is_conv:
             op, kernel, stride, groups = "conv", list(m.kernel_size), list(m.stride), m.groups
             in_ch, out_ch = m.in_channels, m.out_channels
             spatial = int(np.prod(self.out_shapes[base][2:]))
             macs = spatial * out_ch * (in_ch // groups) * int(np.prod(kernel))
-            node_name = b.last_node
         else:
-            y = b.node("Gemm", [x_dq, w_dq, b_dq], base, out=None if out_q else out_name, alpha=1.0, beta=1.0,
-                       transA=0, transB=1)
             op, kernel, stride, groups = "linear", [1], [1], 1
             in_ch, out_ch = m.in_features, m.out_features
             macs = in_ch * out_ch
-            node_name = b.last_node
         self.layers.append(LayerInfo(
-            name=base, onnx_node=node_name, op=op, weight_bits=p.bits, act_bits_in=p.x.bits,
+            name=base, onnx_node=base, op=op, weight_bits=p.bits, act_bits_in=p.x.bits,
             act_bits_out=out_q[2] if out_q else None, in_channels=in_ch, out_channels=out_ch, kernel=kernel,
             stride=stride, groups=groups, params=int(p.w_int.size + p.bias.size), macs=int(macs), storage=stored,
             bn_folded=p.bn_folded, negative_bn_gains=p.negative_gains))
         if out_q is None:
-            # One step of one input feature through the largest weight of the layer: the natural unit of
-            # a float-output layer's disagreement.
-            self.logit_step = float(p.x.scale * np.max(np.abs(p.w_int).reshape(out_ch, -1).max(1) * p.w_scale))
+            if not is_conv:
+                # One step of one input feature through the largest weight of the layer: the natural unit of
+                # a float-output layer's disagreement.
+                self.logit_step = float(p.x.scale * np.max(np.abs(p.w_int).reshape(out_ch, -1).max(1) * p.w_scale))
             return _Float(y)
-        return b.q(y, out_q[0], out_q[1], f"{base}_q", out_q[2])
+        return b.q(y, out_q[0], out_q[1], out_q[2])
+
+    @staticmethod
+    def _conv_attrs(m: nn.Module, base: str) -> dict[str, Any]:
+        if isinstance(m.padding, str):
+            raise UsageError(f"layer {base}: string padding {m.padding!r} is not supported by the integer export")
+        if m.padding_mode != "zeros":
+            raise UsageError(f"layer {base}: padding mode {m.padding_mode!r} is not supported (zeros only)")
+        ph, pw = m.padding
+        return dict(kernel_shape=list(m.kernel_size), strides=list(m.stride), pads=[ph, pw, ph, pw],
+                    dilations=list(m.dilation), group=m.groups)
 
     def as_float(self, v: Any, base: str) -> _Float:
         if isinstance(v, _Float):
             return v
         if isinstance(v, _Quant):
-            return _Float(self.b.dq(v, base))
+            return _Float(self.b.dq(v))
         if isinstance(v, _Pending):
             return self.emit_linear(v, None)  # type: ignore[return-value]
         raise TypeError(type(v))
@@ -350,7 +364,7 @@ class _Writer:
                     self.emit_linear(v, None, out_name=OUTPUT_NAME)
                 else:
                     f = self.as_float(v, "out")
-                    b.node("Identity", [f.name], "out", out=OUTPUT_NAME)
+                    b.node("Identity", [f.name], out=OUTPUT_NAME)
             else:
                 raise UsageError(f"unsupported fx node {node.op} {node.target} in the integer export")
 
@@ -366,7 +380,7 @@ class _Writer:
             return v  # re-quantizing onto the same grid is the identity
         # A QuantReLU on a float value: the unsigned quantizer (zero point 0) saturates at 0, i.e. is the ReLU.
         f = self.as_float(v, name)
-        return self.b.q(f.name, scale, zp, f"{name}_q", bits)
+        return self.b.q(f.name, scale, zp, bits)
 
     def module_node(self, node: fx.Node, m: nn.Module, env: dict) -> Any:
         name = str(node.target)
@@ -401,15 +415,15 @@ class _Writer:
             mu = m.running_mean.detach().double().cpu().numpy()
             mul = (gamma / sigma).astype(np.float32).reshape(1, -1, 1, 1)
             add = (beta - gamma * mu / sigma).astype(np.float32).reshape(1, -1, 1, 1)
-            y = b.node("Mul", [f.name, b.init(f"{name}_mul", mul)], name)
+            y = b.node("Mul", [f.name, b.init("bnm", mul)], f"{name}.mul")
             self.float_affine.append(name)
-            return _Float(b.node("Add", [y, b.init(f"{name}_add", add)], name))
+            return _Float(b.node("Add", [y, b.init("bna", add)], f"{name}.add"))
         if isinstance(m, Normalize):
             f = self.as_float(v, name)
-            y = b.node("Sub", [f.name, b.init(f"{name}_mean", m.mean.detach().cpu().numpy().astype(np.float32))],
-                       name)
-            return _Float(b.node("Div", [y, b.init(f"{name}_std", m.std.detach().cpu().numpy().astype(np.float32))],
-                                 name))
+            y = b.node("Sub", [f.name, b.init("mean", m.mean.detach().cpu().numpy().astype(np.float32))],
+                       f"{name}.sub")
+            return _Float(b.node("Div", [y, b.init("std", m.std.detach().cpu().numpy().astype(np.float32))],
+                                 f"{name}.div"))
         if isinstance(m, nn.Identity):
             return v
         if isinstance(m, (nn.AdaptiveAvgPool2d,)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from torch import nn
 import rcdeploy
 from rcdeploy.attacks import parse_attack
 from rcdeploy.config import TrainConfig, config_from_dict, dump_yaml
-from rcdeploy.data import Dataset, augment, iterate_batches, load_dataset
+from rcdeploy.data import Dataset, Split, augment, iterate_batches, load_dataset
 from rcdeploy.errors import UsageError
 from rcdeploy.quant.calibrate import calibrate_activations
 from rcdeploy.quant.presets import ACT_CALIBRATION_STEPS
@@ -84,6 +85,7 @@ def model_kwargs(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
                           "std": list(meta.std), "input_size": meta.shape[1]}
     if cfg.width is not None:
         kw["width"] = cfg.width
+    kw.update(cfg.model_args)
     return kw
 
 
@@ -104,24 +106,32 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> int:
-    return sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> float:
+    """Correct predictions, averaged over `draws` forward passes (one for a deterministic model)."""
+    return sum(int((model(x).argmax(1) == y).sum()) for _ in range(draws)) / draws
+
+
+def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500, draws: int = 1) -> float:
+    return sum(_correct(model, x[i:i + batch], y[i:i + batch], draws) for i in range(0, len(x), batch))
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_name: str, eps: float,
-             seed: int = 0, batch: int = 500) -> dict[str, float]:
-    """Clean and robust accuracy (in %) of `model` on (x, y) under `attack_name` at `eps`."""
+             seed: int = 0, batch: int = 500, eot: int = 1) -> dict[str, float]:
+    """Clean and robust accuracy (in %) of `model` on (x, y) under `attack_name` at `eps`.
+
+    eot: for stochastic models, the attack averages its gradients over `eot` draws and both accuracies
+    are the mean over `eot` forward passes (expectation over transformation).
+    """
     was_training = model.training
     model.eval()
     try:
-        attack = parse_attack(attack_name, eps=eps, seed=seed)
-        clean = _clean_correct(model, x, y, batch)
-        robust = 0
+        attack = parse_attack(attack_name, eps=eps, seed=seed, eot=eot)
+        clean = _clean_correct(model, x, y, batch, eot)
+        robust = 0.0
         for i in range(0, len(x), batch):
             xb, yb = x[i:i + batch], y[i:i + batch]
             x_adv = attack(model, xb, yb)
-            with torch.no_grad():
-                robust += int((model(x_adv).argmax(1) == yb).sum())
+            robust += _correct(model, x_adv, yb, eot)
     finally:
         model.train(was_training)
     n = max(1, len(x))
@@ -192,12 +202,42 @@ def _point_latest(run_dir: Path) -> None:
 
 
 def _sparsity_for(cfg: TrainConfig, model: nn.Module):
-    if not cfg.prune_channels:
+    from rcdeploy.train.unstructured import UNSTRUCTURED
+
+    if cfg.sparsity in UNSTRUCTURED:  # weight sparsity: on whenever named (rvsm needs no target)
+        if cfg.prune_channels:
+            raise UsageError(f"--sparsity {cfg.sparsity} prunes single weights, not channels: pass --prune-weights "
+                             "instead of --prune-channels (or use group-lasso, rgsm or slimming for channels)")
+        target = cfg.prune_weights
+    elif not cfg.prune_channels:
         return None
+    else:
+        target = cfg.prune_channels
     from rcdeploy.train.sparsity import create_sparsity
 
-    return create_sparsity(cfg.sparsity, model, target=cfg.prune_channels, channel_multiple=cfg.channel_multiple,
+    return create_sparsity(cfg.sparsity, model, target=target, channel_multiple=cfg.channel_multiple,
                            **cfg.sparsity_params)
+
+
+def _plugins_for(cfg: TrainConfig, model: nn.Module) -> list[Any]:
+    """Per-epoch training plugins (today: Binary-Relax). A plugin has `name`, `start_epoch(model, epoch)`,
+    `lr_factor(epoch)`, `eligible(epoch)` (may this epoch become best.pt), `stats()`, `state_dict()`,
+    `load_state_dict(state)` and `remove()` (undo what it did to the model)."""
+    if cfg.quant_method == "binary-relax":
+        from rcdeploy.quant.binary_relax import BinaryRelax
+
+        return [BinaryRelax(model, epochs=cfg.epochs, lam=cfg.br_lambda, growth=cfg.br_growth,
+                            exact_fraction=cfg.br_exact_fraction, exact_lr=cfg.br_exact_lr)]
+    return []
+
+
+def _train_subset(cfg: TrainConfig, data: Dataset) -> Dataset:
+    """The first `train_samples` images of a seeded permutation of the training split (stratified enough)."""
+    if cfg.train_samples is None or int(cfg.train_samples) >= len(data.train):
+        return data
+    g = torch.Generator().manual_seed(cfg.seed * 31 + 17)
+    idx = torch.randperm(len(data.train), generator=g)[:int(cfg.train_samples)].to(data.train.x.device)
+    return dataclasses.replace(data, train=Split(data.train.x[idx], data.train.y[idx]))
 
 
 def fit(cfg: TrainConfig, **kwargs: Any) -> RunResult:
@@ -236,6 +276,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, device=device,
                         val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data = _train_subset(cfg, data)
     settings = adv_settings(cfg, data.meta.default_eps)
     objective = OBJECTIVES[cfg.adv]
 
@@ -246,6 +287,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
         calib = [x for x, _ in iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=g)]
         calibrate_activations(model, (calib * ACT_CALIBRATION_STEPS)[:ACT_CALIBRATION_STEPS])
         sparsity = _sparsity_for(cfg, model)  # before the run folder: a bad name must leave nothing behind
+        plugins = _plugins_for(cfg, model)
         run_dir = _new_run_dir(cfg)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         (run_dir / "metrics.jsonl").write_text("")
@@ -254,6 +296,11 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
         model = build_model(spec).to(device)
         model.load_state_dict(ckpt["state_dict"])
         sparsity = _sparsity_for(cfg, model)
+        plugins = _plugins_for(cfg, model)
+        for p in plugins:
+            state = (ckpt.get("plugins_state") or {}).get(p.name)
+            if state is not None:
+                p.load_state_dict(state)
     _point_latest(run_dir)
 
     optimizer = make_optimizer(cfg, model)
@@ -279,6 +326,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
             "model": spec, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
             "sparsity_state": sparsity.state_dict() if sparsity else None,
             "sparsity": sparsity.stats(model) if sparsity else None,
+            "plugins_state": {p.name: p.state_dict() for p in plugins},
             "config": cfg.to_dict(), "dataset": data.meta.to_dict(), "position": [epoch, batch],
             "partial_epoch": part, "history": history, "best": best,
             "metrics": history[-1] if history else {}, "eps": settings.eps,
@@ -289,6 +337,9 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
         for epoch in range(start_epoch, cfg.epochs):
             if sparsity is not None and epoch == finetune_start and start_batch == 0:
                 sparsity.start_finetune(model)
+            for p in plugins:
+                p.start_epoch(model, epoch)
+            lr_factor = math.prod(p.lr_factor(epoch) for p in plugins)
             model.train()
             perm_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
             order = torch.randperm(len(data.train), generator=perm_gen).to(device)
@@ -305,7 +356,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
                 x = augment(data.train.x[idx], data.meta, gen)
                 y = data.train.y[idx]
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, epoch + b / batches_per_epoch)
+                    group["lr"] = lr_at(cfg, epoch + b / batches_per_epoch) * lr_factor
                 loss, logits = objective(model, x, y, settings, gen)
                 if sparsity is not None:
                     extra = sparsity.penalty(model)
@@ -325,7 +376,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
             if sparsity is not None:
                 sparsity.end_epoch(model, epoch, cfg.epochs)
             train_time = partial["time"] + time.perf_counter() - t0
-            ev = evaluate(model, val_x, val_y, cfg.val_attack, settings.eps, seed=cfg.seed)
+            ev = evaluate(model, val_x, val_y, cfg.val_attack, settings.eps, seed=cfg.seed, eot=cfg.eot)
             metrics = {
                 "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": partial["loss"] / max(1, partial["seen"]),
@@ -337,13 +388,15 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
             }
             if sparsity is not None:
                 metrics["sparsity"] = sparsity.stats(model)
+            for p in plugins:
+                metrics[p.name] = p.stats()
             history.append(metrics)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
             # With sparsity on, only mask-fixed (fine-tune phase) epochs may become best.pt: an earlier,
             # denser model would make `export --prune-channels` remove nothing.
-            eligible = sparsity is None or epoch >= finetune_start
+            eligible = (sparsity is None or epoch >= finetune_start) and all(p.eligible(epoch) for p in plugins)
             key = (ev["robust_acc"], ev["clean_acc"])
             if eligible and (best is None or key > (best["val_robust_acc"], best["val_clean_acc"])):
                 best = dict(metrics)

@@ -14,7 +14,7 @@ How the trainer drives a method (`rcdeploy/train/loop.py`):
     loss = loss + (sp.penalty(model) or 0)                         # each step
     optimizer.step(); sp.after_step(model, lr)                     # proximal steps / keep masks at zero
     sp.end_epoch(model, epoch, epochs)                             # schedules
-    if epoch + 1 == sp.finetune_epoch(epochs): sp.start_finetune(model)  # fix the mask, then fine-tune
+    at the start of epoch sp.finetune_epoch(epochs): sp.start_finetune(model)   # fix the mask, fine-tune
     log sp.stats(model); checkpoint sp.state_dict()
 
 `start_finetune` fixes the mask: it prunes the channels with the smallest scores (normalized per group,
@@ -260,7 +260,9 @@ class GroupLasso(Sparsity):
         self.strength = 0.0  # the lambda of the last step (reported)
 
     def desired(self, ahead: int = 0) -> float:
-        """Dead share the ramp asks for now, or `ahead` steps from now."""
+        """Dead share the ramp asks for now, or `ahead` steps from now (0 until the run's length is known)."""
+        if not self.epochs:
+            return 0.0
         spe = self.steps_per_epoch or STEPS_PER_EPOCH_GUESS
         progress = (self.epoch + (self.steps_this_epoch + ahead) / spe) / self.sparse_epochs()
         return self.target * min(1.0, progress / self.ramp)

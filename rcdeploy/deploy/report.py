@@ -1,0 +1,404 @@
+"""Bench reports for people and scripts: rich tables, a CSV row per run, and `compare` with a Pareto plot.
+
+The JSON report itself is `bench_model`'s dict; this module only reads it, so a report written
+by an older run compares the same way as a fresh one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from rcdeploy.errors import UsageError
+
+__all__ = [
+    "CSV_COLUMNS",
+    "append_csv",
+    "compare_reports",
+    "csv_row",
+    "pareto_front",
+    "render_bench",
+    "render_compare",
+    "render_inspect",
+]
+
+CSV_COLUMNS = [
+    "created", "model", "file_sha256", "dataset", "target", "samples", "eps", "step", "attacks",
+    "file_bytes", "params", "macs", "integer_mac_share_pct", "threads", "session_load_ms",
+    "session_peak_rss_delta_bytes", "latency_batch", "p50_ms", "p90_ms", "p99_ms", "img_per_s", "max_img_per_s",
+    "clean_acc_pct", "worst_case_acc_pct", "robust_acc_pct", "twin_clean_agreement_pct",
+    "twin_adversarial_agreement_pct", "flags",
+]
+
+
+# --------------------------------------------------------------------------------------- formatting
+
+
+def fmt_eps(v: float | None) -> str:
+    """0.0313725... -> '8/255' (when it is one), else a short decimal."""
+    if v is None:
+        return "-"
+    k = v * 255
+    if abs(k - round(k)) < 1e-4 and round(k) > 0:
+        return f"{round(k)}/255"
+    frac = Fraction(v).limit_denominator(1000)
+    return f"{v:.4g}" if abs(float(frac) - v) > 1e-9 else f"{float(frac):g}"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}%"
+
+
+def _first_batch(lat: dict[str, Any] | None) -> dict[str, Any]:
+    return (lat or {}).get("batches", [{}])[0] if (lat or {}).get("batches") else {}
+
+
+# ----------------------------------------------------------------------------------------- bench
+
+
+def render_bench(report: dict[str, Any], console: Any) -> None:
+    """The report as rich tables (size, latency, accuracy), then flags and notes."""
+    from rich.table import Table
+
+    s, m, size, lat, acc = (report.get(k) or {} for k in ("settings", "model", "size", "latency", "accuracy"))
+    console.print(f"[bold]rcdeploy bench[/] {m.get('path')}: {s.get('dataset')}, {s.get('samples')} test images, "
+                  f"eps {fmt_eps(s.get('eps'))} ({s.get('eps_source')}), target {s.get('target')}"
+                  + (" [yellow](stochastic graph)[/]" if m.get("stochastic") else ""))
+
+    t = Table(title="size", title_justify="left")
+    for col in ("file", "params", "MACs / image", "integer-kernel MACs", "initializer bytes by dtype"):
+        t.add_column(col, justify="right" if col != "initializer bytes by dtype" else "left")
+    t.add_row(_bytes(size.get("file_bytes")), _count(size.get("params")), _count(size.get("macs")),
+              _pct(size.get("integer_mac_share_pct")),
+              ", ".join(f"{k} {_bytes(v)}" for k, v in (size.get("bytes_by_dtype") or {}).items()))
+    console.print(t)
+
+    if lat:
+        t = Table(title=f"latency, onnxruntime {lat.get('onnxruntime', '')}: {lat.get('description')}",
+                  title_justify="left",
+                  caption=(f"intra-op threads {lat.get('intra_op_threads')} of {lat.get('cpu_count')} cores, "
+                           f"{lat.get('execution_mode')} execution; session load {_ms(1e3 * lat['session_load_s'])} ms; "
+                           f"peak RSS +{_bytes(lat.get('session_peak_rss_delta_bytes'))} over "
+                           f"{_bytes(lat.get('baseline_rss_bytes'))} ({lat.get('memory_method')})"),
+                  caption_justify="left")
+        for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "runs"):
+            t.add_column(col, justify="right")
+        for b in lat.get("batches", []):
+            ips = b.get("img_per_s")
+            t.add_row(str(b["batch_size"]), _ms(b["p50_ms"]), _ms(b["p90_ms"]), _ms(b["p99_ms"]),
+                      f"{ips:,.0f}" if ips else "-", f"{b['repeats']}" + ("" if b.get("stable") else " (unstable)"))
+        console.print(t)
+
+    twin = acc.get("twin") or {}
+    t = Table(title="accuracy, scored by onnxruntime on the file", title_justify="left")
+    for col in ("images", "accuracy", "twin agrees", "max |x_adv - x|", "in ball & [0,1]", "time s"):
+        t.add_column(col, justify="right" if col != "images" else "left")
+    t.add_row("clean", _pct(acc.get("clean_acc_pct")), _pct(twin.get("clean_agreement_pct")), "-", "-", "-")
+    for r in acc.get("robust", []):
+        ok = r.get("within_eps") and r.get("in_unit_range")
+        label = r["name"] + (" (black-box)" if r.get("family") == "square" else "")
+        t.add_row(label, _pct(r["robust_acc_pct"]), _pct(r.get("twin_agreement_pct")),
+                  f"{r['max_perturbation']:.4g} (eps {fmt_eps(r['eps'])})", "yes" if ok else "[red]NO[/]",
+                  f"{r['time_s']:.1f}")
+    if acc.get("worst_case_acc_pct") is not None:
+        t.add_row("[bold]worst case per image[/]", f"[bold]{_pct(acc['worst_case_acc_pct'])}[/]",
+                  _pct(twin.get("adversarial_agreement_pct")), "", "", "")
+    console.print(t)
+    for flag in acc.get("flags", []):
+        console.print(f"[bold red]warning:[/] {flag}")
+    for note in report.get("notes", []):
+        console.print(f"[dim]note: {note}[/]")
+
+
+def csv_row(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's headline figures as one flat row (CSV_COLUMNS)."""
+    s, m, size, acc = (report.get(k) or {} for k in ("settings", "model", "size", "accuracy"))
+    lat = report.get("latency") or {}
+    first = _first_batch(lat)
+    robust = acc.get("robust") or []
+    twin = acc.get("twin") or {}
+    ips = [b.get("img_per_s") for b in lat.get("batches", []) if b.get("img_per_s")]
+    return {
+        "created": report.get("created"),
+        "model": m.get("path"),
+        "file_sha256": m.get("file_sha256"),
+        "dataset": s.get("dataset"),
+        "target": s.get("target"),
+        "samples": s.get("samples"),
+        "eps": s.get("eps"),
+        "step": s.get("step"),
+        "attacks": ",".join(a["name"] for a in s.get("attacks", [])) or "none",
+        "file_bytes": size.get("file_bytes"),
+        "params": size.get("params"),
+        "macs": size.get("macs"),
+        "integer_mac_share_pct": size.get("integer_mac_share_pct"),
+        "threads": lat.get("intra_op_threads"),
+        "session_load_ms": 1e3 * lat["session_load_s"] if lat.get("session_load_s") is not None else None,
+        "session_peak_rss_delta_bytes": lat.get("session_peak_rss_delta_bytes"),
+        "latency_batch": first.get("batch_size"),
+        "p50_ms": first.get("p50_ms"),
+        "p90_ms": first.get("p90_ms"),
+        "p99_ms": first.get("p99_ms"),
+        "img_per_s": first.get("img_per_s"),
+        "max_img_per_s": max(ips) if ips else None,
+        "clean_acc_pct": acc.get("clean_acc_pct"),
+        "worst_case_acc_pct": acc.get("worst_case_acc_pct"),
+        "robust_acc_pct": ";".join(f"{r['name']}={r['robust_acc_pct']:.2f}" for r in robust),
+        "twin_clean_agreement_pct": twin.get("clean_agreement_pct"),
+        "twin_adversarial_agreement_pct": twin.get("adversarial_agreement_pct"),
+        "flags": " | ".join(acc.get("flags", [])),
+    }
+
+
+def append_csv(path: str | Path, report: dict[str, Any]) -> Path:
+    """Append the report's row to `path`, writing the header when the file is new or empty.
+
+    A file that already has a different header keeps it: the row is written in that file's
+    columns (unknown ones left empty), so earlier rows are never rewritten or lost.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--csv {p} is a folder; pass a file name, e.g. --csv {p / 'bench.csv'}")
+    row = {k: ("" if v is None else v) for k, v in csv_row(report).items()}
+    header = CSV_COLUMNS
+    new = not p.exists() or p.stat().st_size == 0
+    if not new:
+        with open(p, newline="") as f:
+            existing = next(csv.reader(f), None)
+        if existing:
+            header = existing
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore", restval="")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    return p
+
+
+# --------------------------------------------------------------------------------------- compare
+
+
+def _load_report(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"report {str(p)!r} is not a file; pass JSON files written by `rcdeploy bench --json`")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"report {str(p)!r} is not JSON ({str(e).splitlines()[0]}); pass `bench --json` output") from None
+    from rcdeploy.deploy.bench import REPORT_FORMAT
+
+    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+        raise UsageError(f"report {str(p)!r} is not an rcdeploy bench report; write one with "
+                         "`rcdeploy bench MODEL.onnx --json FILE`")
+    return data
+
+
+def pareto_front(points: list[tuple[float, ...]], maximize: tuple[bool, ...]) -> list[bool]:
+    """For each point, whether no other point is at least as good in every coordinate and better in one."""
+    def key(p: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(v if mx else -v for v, mx in zip(p, maximize))
+
+    keyed = [key(p) for p in points]
+    out = []
+    for i, a in enumerate(keyed):
+        dominated = any(all(bv >= av for av, bv in zip(a, b)) and any(bv > av for av, bv in zip(a, b))
+                        for j, b in enumerate(keyed) if j != i)
+        out.append(not dominated)
+    return out
+
+
+# Pareto objectives: (row key, maximize?)
+_OBJECTIVES = (("file_bytes", False), ("latency_ms", False), ("clean_acc_pct", True), ("robust_acc_pct", True))
+
+
+def _plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                         "(or pip install 'rcdeploy[plot]')") from None
+
+
+def compare_reports(paths: list[str], plot: str | None = None) -> dict[str, Any]:
+    """One row per bench report, each marked on the Pareto front (size, latency, clean, robust) or not.
+
+    Latency is the p50 of each report's first (smallest) batch size; robust accuracy is the
+    per-image worst case over the attacks each report ran. With `plot`, also writes a 2 x 2
+    figure (clean / robust accuracy against file size / latency) with each panel's front marked.
+    """
+    if not paths:
+        raise UsageError("compare needs at least one report: rcdeploy compare A.json B.json ...")
+    if plot is not None:
+        _plot_available()  # before any work: a missing library is a usage problem, not a crash
+        if Path(plot).is_dir():
+            raise UsageError(f"--plot {plot} is a folder; pass a file name, e.g. --plot pareto.png")
+    reports = [_load_report(p) for p in paths]
+    rows = []
+    for path, r in zip(paths, reports):
+        s, m, size, acc = (r.get(k) or {} for k in ("settings", "model", "size", "accuracy"))
+        first = _first_batch(r.get("latency"))
+        rows.append({
+            "report": str(path),
+            "model": m.get("name") or Path(str(m.get("path"))).stem,
+            "dataset": s.get("dataset"),
+            "target": s.get("target"),
+            "eps": s.get("eps"),
+            "attacks": ",".join(a["name"] for a in s.get("attacks", [])) or "none",
+            "samples": s.get("samples"),
+            "file_bytes": size.get("file_bytes"),
+            "params": size.get("params"),
+            "macs": size.get("macs"),
+            "integer_mac_share_pct": size.get("integer_mac_share_pct"),
+            "latency_batch": first.get("batch_size"),
+            "latency_ms": first.get("p50_ms"),
+            "img_per_s": first.get("img_per_s"),
+            "clean_acc_pct": acc.get("clean_acc_pct"),
+            "robust_acc_pct": acc.get("worst_case_acc_pct"),
+        })
+    names = [row["model"] for row in rows]
+    if len(set(names)) < len(names):  # same file names in different folders: tell them apart
+        for row in rows:
+            row["model"] = row["report"]
+    objectives = [(k, mx) for k, mx in _OBJECTIVES if all(row[k] is not None for row in rows)]
+    front = pareto_front([tuple(float(row[k]) for k, _ in objectives) for row in rows],
+                         tuple(mx for _, mx in objectives)) if objectives else [True] * len(rows)
+    for row, on in zip(rows, front):
+        row["pareto"] = on
+    notes = []
+    for key, what in (("dataset", "datasets"), ("eps", "eps"), ("attacks", "attacks"), ("target", "targets"),
+                      ("samples", "sample counts"), ("latency_batch", "latency batch sizes")):
+        values = {str(row[key]) for row in rows}
+        if len(values) > 1:
+            notes.append(f"reports differ in {what} ({', '.join(sorted(values))}): compare those figures with care")
+    table = {"rows": rows, "pareto_objectives": [f"{'max' if mx else 'min'} {k}" for k, mx in objectives],
+             "notes": notes, "plot": None}
+    if plot is not None:
+        table["plot"] = str(write_pareto_plot(rows, plot))
+    return table
+
+
+def write_pareto_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Clean and robust accuracy against file size and latency; each panel's 2-D front marked."""
+    _plot_available()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from rcdeploy.io import atomic_write_bytes
+
+    fig = Figure(figsize=(11, 8.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    panels = [("file_bytes", "file size (KiB)", 1 / 1024), ("latency_ms", "latency p50 (ms)", 1.0)]
+    for col, (xkey, xlabel, xscale) in enumerate(panels):
+        for row_i, (ykey, ylabel) in enumerate((("clean_acc_pct", "clean accuracy (%)"),
+                                                ("robust_acc_pct", "robust accuracy, worst case (%)"))):
+            ax = axes[row_i][col]
+            pts = [(r[xkey] * xscale, r[ykey], r["model"]) for r in rows if r[xkey] is not None and r[ykey] is not None]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if not pts:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+                continue
+            on = pareto_front([(x, y) for x, y, _ in pts], (False, True))
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.scatter(xs, ys, c=["tab:red" if o else "tab:gray" for o in on], zorder=3)
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            front = sorted((x, y) for (x, y, _), o in zip(pts, on) if o)
+            if len(front) > 1:
+                ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red",
+                        alpha=0.6, label="Pareto front")
+                ax.legend(loc="lower right", fontsize=8)
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+    fig.suptitle("rcdeploy compare: accuracy vs size and latency (red: Pareto front)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def render_compare(table: dict[str, Any], console: Any) -> None:
+    """The comparison as one rich table; Pareto-front rows starred."""
+    from rich.table import Table
+
+    t = Table(title="rcdeploy compare (* = on the Pareto front: "
+              + ", ".join(table.get("pareto_objectives", [])) + ")", title_justify="left")
+    cols = ("", "model", "dataset", "target", "eps", "attacks", "file", "params", "MACs", "int MACs",
+            "p50 ms", "img/s", "clean", "robust")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("", "model", "dataset", "target", "attacks") else "right")
+    for r in table["rows"]:
+        t.add_row("*" if r.get("pareto") else "", str(r["model"]), str(r["dataset"]), str(r["target"]),
+                  fmt_eps(r["eps"]), r["attacks"], _bytes(r["file_bytes"]), _count(r["params"]),
+                  _count(r["macs"]), _pct(r["integer_mac_share_pct"]),
+                  _ms(r["latency_ms"]) + (f" (b{r['latency_batch']})" if r.get("latency_batch") not in (None, 1) else ""),
+                  f"{r['img_per_s']:,.0f}" if r.get("img_per_s") else "-",
+                  _pct(r["clean_acc_pct"]), _pct(r["robust_acc_pct"]))
+    console.print(t)
+    for note in table.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+    if table.get("plot"):
+        console.print(f"plot: {table['plot']}")
+
+
+# --------------------------------------------------------------------------------------- inspect
+
+
+def render_inspect(report: Any, console: Any) -> None:
+    """A `GraphReport` (or its dict) as rich tables: totals, ops as stored vs as run, bytes by dtype."""
+    from rich.table import Table
+
+    d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    t = Table(title="model", title_justify="left")
+    for c in ("file", "params", "MACs / image", "integer-kernel MACs", "MAC shapes from"):
+        t.add_column(c, justify="right")
+    t.add_row(_bytes(d.get("file_bytes")), _count(d.get("params")), _count(d.get("macs_total")),
+              f"{100 * d.get('integer_mac_share', 0.0):.1f}% ({_count(d.get('macs_integer'))})",
+              str(d.get("shapes_from")))
+    console.print(t)
+    stored, run = d.get("op_histogram") or {}, d.get("optimized_op_histogram") or {}
+    t = Table(title="ops: in the file / as onnxruntime runs them", title_justify="left")
+    t.add_column("op")
+    t.add_column("file", justify="right")
+    t.add_column("onnxruntime", justify="right")
+    for op in sorted(set(stored) | set(run), key=lambda o: (-(run.get(o, 0) + stored.get(o, 0)), o)):
+        t.add_row(op, str(stored.get(op, "")), str(run.get(op, "")))
+    console.print(t)
+    t = Table(title="initializer bytes by dtype", title_justify="left")
+    t.add_column("dtype")
+    t.add_column("bytes", justify="right")
+    for k, v in (d.get("bytes_by_dtype") or {}).items():
+        t.add_row(k, f"{v:,} ({_bytes(v)})")
+    console.print(t)

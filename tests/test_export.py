@@ -1,0 +1,360 @@
+"""rcdeploy export: integer ONNX that onnxruntime runs as integer kernels, verified against PyTorch.
+
+Checkpoints are real: Brevitas models trained for a few dozen SGD steps on scikit-learn's digits
+(seconds, one thread), with BatchNorm gains randomized first so that folding meets negative gammas.
+Everything runs through real onnxruntime sessions, the real qonnx executor and real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto
+
+from rcdeploy.data import load_dataset
+from rcdeploy.errors import UsageError, VerificationError
+from rcdeploy.export.api import export_checkpoint
+from rcdeploy.export.qdq import build_qdq
+from rcdeploy.export.verify import optimized_graph, verify_onnx
+from rcdeploy.models import create_model
+from rcdeploy.quant.calibrate import calibrate_activations
+from rcdeploy.quant.spec import QuantSpec
+from rcdeploy.train.checkpoint import FORMAT, VERSION, atomic_save, load_model, model_spec
+
+INTEGER_CONV = {"QLinearConv", "NhwcQLinearConv", "ConvInteger"}
+FLOAT_CONV = {"Conv", "FusedConv", "NhwcFusedConv"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Brevitas' many small ops crawl when two threads fight over two shared cores; one is 10x faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            with torch.no_grad():
+                sign = torch.where(torch.rand(n, generator=gen) < 0.3, -1.0, 1.0)  # ~30% negative gains
+                m.weight.copy_(sign * (0.5 + torch.rand(n, generator=gen)))
+                m.bias.copy_(0.2 * torch.randn(n, generator=gen))
+
+
+def make_checkpoint(path: Path, data, name: str, bits: int, *, width: float | None = None, steps: int = 40,
+                    act_bits: int = 8, zero: dict | None = None, seed: int = 0) -> Path:
+    """Train `name` for `steps` Adam steps on digits and save a real rcdeploy checkpoint.
+
+    Trained to well-separated logits (~95% accuracy): a half-trained model's near-ties flip on any
+    rounding difference, which is what export verification exists to catch, not what these tests test."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    meta = data.meta
+    quant = QuantSpec(bits=bits, act_bits=act_bits)
+    kwargs = dict(num_classes=meta.num_classes, in_chans=meta.shape[0], mean=meta.mean, std=meta.std,
+                  input_size=meta.shape[1])
+    if width is not None:
+        kwargs["width"] = width
+    model = create_model(name, quant=quant, **kwargs)
+    _randomize_bn(model, gen)
+    calibrate_activations(model, [data.train.x[i:i + 128] for i in range(0, 512, 128)])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(data.train), (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    if zero:
+        from rcdeploy.export.shrink import zero_channels
+
+        zero_channels(model, zero)
+    with torch.no_grad():
+        acc = float((model(data.val.x).argmax(1) == data.val.y).float().mean())
+    atomic_save({"format": FORMAT, "version": VERSION, "model": model_spec(name, quant, **kwargs),
+                 "state_dict": model.state_dict(), "dataset": meta.to_dict(), "eps": 0.1,
+                 "config": {"adv": "pgd", "eps": 0.1, "bits": bits, "act_bits": act_bits, "steps": 3},
+                 "metrics": {"val_clean_acc": acc}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, digits) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        "small_cnn-8": make_checkpoint(root / "sc8.pt", digits, "small_cnn", 8),
+        "small_cnn-4": make_checkpoint(root / "sc4.pt", digits, "small_cnn", 4),
+        "resnet20-8": make_checkpoint(root / "r8.pt", digits, "resnet20", 8),  # full width
+        "resnet20-4": make_checkpoint(root / "r4.pt", digits, "resnet20", 4, width=0.5),
+    }
+
+
+def ops_of(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["small_cnn-8", "small_cnn-4", "resnet20-8", "resnet20-4"])
+def test_integer_graph_runs_integer_kernels_and_agrees(key: str, ckpts, digits, tmp_path) -> None:
+    out = tmp_path / "model.onnx"
+    summary = export_checkpoint(ckpts[key], output=out)
+    assert out.is_file() and (tmp_path / "model.json").is_file()
+
+    # What onnxruntime really runs, read back from its optimized graph (the deploy loader's way).
+    opt = ops_of(optimized_graph(out.read_bytes()))
+    assert not FLOAT_CONV & set(opt), opt
+    assert sum(opt[k] for k in INTEGER_CONV) == (3 if key.startswith("small_cnn") else 21)
+    assert opt["QGemm"] == 1 and opt["QLinearGlobalAveragePool"] == 1
+    assert "BatchNormalization" not in opt and "Clip" not in opt and "Relu" not in opt
+    if key.startswith("resnet20"):
+        assert opt["QLinearAdd"] == 9
+    assert summary["kernels"]["integer_mac_share"] == 1.0
+
+    # Opset 21, int32 biases, dynamic batch, float [0,1] NCHW in, logits out.
+    model = onnx.load(str(out))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    assert any(t.data_type == TensorProto.INT32 for t in model.graph.initializer)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = session.get_inputs(), session.get_outputs()
+    assert inp.type == "tensor(float)" and isinstance(inp.shape[0], str) and inp.shape[1:] == [1, 8, 8]
+    for n in (1, 7):
+        assert session.run(None, {inp.name: digits.val.x[:n].numpy()})[0].shape == (n, 10)
+
+    ver = summary["verification"]
+    assert ver["samples"] >= 500 and ver["top1_agreement"] >= 0.995
+    assert ver["max_abs_logit_diff"] < 0.1 * ver["logit_range"]
+    assert abs(ver["onnx_accuracy"] - ver["torch_accuracy"]) <= 0.01
+
+
+def test_independent_agreement_on_file_and_sidecar(ckpts, digits, tmp_path) -> None:
+    """Re-check the written file against the checkpoint's PyTorch model, outside the export code path."""
+    out = tmp_path / "r.onnx"
+    export_checkpoint(ckpts["resnet20-8"], output=out)
+    model, ckpt = load_model(ckpts["resnet20-8"])
+    x = torch.cat([digits.val.x, digits.test.x])
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.995
+    assert np.abs(ref - got).max() < 0.1 * np.abs(ref).max()
+
+    card = json.loads((tmp_path / "r.json").read_text())
+    assert card["dataset"]["name"] == "digits" and card["dataset"]["shape"] == [1, 8, 8]
+    assert card["input"]["range"] == [0.0, 1.0] and card["input"]["shape"] == ["batch", 1, 8, 8]
+    assert card["training"]["eps"] == 0.1 and card["training"]["adv"] == "pgd"
+    assert card["training_metrics"]["last"]["val_clean_acc"] == pytest.approx(ckpt["metrics"]["val_clean_acc"])
+    assert card["bits"]["weights"]["stem.1.0"] == 8 and set(card["bits"]["activations"].values()) == {8}
+    assert card["channels_kept"]["blocks.8.conv2.0"] == 64
+    assert card["params"] > 250_000 and card["macs"] > 2_000_000
+    assert card["files"]["r.onnx"]["bytes"] == out.stat().st_size
+    assert card["files"]["r.onnx"]["bytes_by_dtype"]["int8"] > 250_000
+    assert card["verification"]["verification"]["top1_agreement"] >= 0.995
+    assert set(card["versions"]) >= {"rcdeploy", "torch", "brevitas", "onnx", "onnxruntime"}
+    assert sum(layer["negative_bn_gains"] for layer in card["layers"]) > 0  # folding met negative gammas
+
+
+def test_bn_folding_with_negative_gains_is_exact_enough(digits) -> None:
+    """An untrained model with ~30% negative BN gains: the integer signs flip, outputs still agree."""
+    gen = torch.Generator().manual_seed(1)
+    meta = digits.meta
+    model = create_model("resnet20", num_classes=10, in_chans=1, mean=meta.mean, std=meta.std,
+                         quant=QuantSpec(bits=4), input_size=8, width=0.5)
+    _randomize_bn(model, gen)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+    calibrate_activations(model, [digits.train.x[:256]])
+    model.eval()
+    ex = build_qdq(model, (1, 8, 8))
+    assert sum(layer.negative_bn_gains for layer in ex.layers) > 20
+    assert all(layer.bn_folded for layer in ex.layers if layer.op == "conv")
+    rep = verify_onnx(ex.to_bytes(), model, digits.val.x, digits.val.y, logit_step=ex.logit_step)
+    assert rep["top1_agreement"] >= 0.995
+
+
+def test_4bit_file_is_about_half_and_keeps_int8_kernels(ckpts, tmp_path) -> None:
+    sizes = {}
+    for key in ("small_cnn-8", "small_cnn-4"):
+        out = tmp_path / f"{key}.onnx"
+        export_checkpoint(ckpts[key], output=out)
+        sizes[key] = out.stat().st_size
+    assert sizes["small_cnn-4"] <= 0.55 * sizes["small_cnn-8"], sizes
+
+    # Full-width ResNet-20: trained at 8 bits, exported at 8 and (post-training) at 4 bits.
+    r8, r4, r4w = tmp_path / "r8.onnx", tmp_path / "r4.onnx", tmp_path / "r4w.onnx"
+    export_checkpoint(ckpts["resnet20-8"], output=r8)
+    with pytest.warns(UserWarning, match="post-training"):
+        s4 = export_checkpoint(ckpts["resnet20-8"], bits=4, output=r4)
+    assert r4.stat().st_size <= 0.55 * r8.stat().st_size, (r4.stat().st_size, r8.stat().st_size)
+    ptq = s4["ptq"]
+    assert ptq["from_bits"] == 8 and ptq["to_bits"] == 4 and len(ptq["layers"]) == 20  # first/last stay 8-bit
+    assert 0.0 <= ptq["heldout_acc_after"] <= 1.0 and "heldout_acc_change" in ptq
+
+    # Packed INT4 really is two values per byte, and the deploy loader still gets int8 kernels.
+    model = onnx.load(str(r4))
+    int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4]
+    assert len(int4) == 20
+    for t in int4:
+        assert len(t.raw_data) == (int(np.prod(t.dims)) + 1) // 2
+    opt = ops_of(optimized_graph(r4.read_bytes(), widen=True))
+    assert opt["QLinearConv"] == 21 and not FLOAT_CONV & set(opt)
+
+    # storage="int8": the same values widened at export, for plain onnxruntime; bigger file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_checkpoint(ckpts["resnet20-8"], bits=4, output=r4w, storage="int8")
+    wide = onnx.load(str(r4w))
+    assert not any(t.data_type == TensorProto.INT4 for t in wide.graph.initializer)
+    assert r4w.stat().st_size > 1.5 * r4.stat().st_size
+    plain = ops_of(optimized_graph(r4w.read_bytes(), widen=False))
+    assert plain["QLinearConv"] == 21 and not FLOAT_CONV & set(plain)
+
+
+def test_qonnx_file_runs_in_qonnx_executor(ckpts, digits, tmp_path) -> None:
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    from rcdeploy.export.qonnx_export import _ort_readable_single_node_models
+
+    out = tmp_path / "m.onnx"
+    summary = export_checkpoint(ckpts["small_cnn-4"], formats=["qonnx"], output=out)
+    path = tmp_path / "m.qonnx.onnx"
+    assert path.is_file() and not out.exists()  # only what was asked for
+    assert summary["qonnx_verification"]["top1_agreement"] == 1.0
+    model = onnx.load(str(path))
+    assert ops_of(model)["Quant"] >= 8 and any(o.domain.startswith("qonnx") for o in model.opset_import)
+
+    wrapper = cleanup_model(ModelWrapper(str(path)))
+    torch_model, _ = load_model(ckpts["small_cnn-4"])
+    x = digits.test.x[:3]
+    with torch.no_grad():
+        ref = torch_model(x).numpy()
+    with _ort_readable_single_node_models():
+        got = np.concatenate([execute_onnx(wrapper, {wrapper.graph.input[0].name: x[i:i + 1].numpy()})[
+            wrapper.graph.output[0].name] for i in range(3)])
+    np.testing.assert_allclose(got, ref, atol=1e-3 * max(1.0, np.abs(ref).max()))
+
+
+def test_ort_format_loads_with_operator_config(ckpts, digits, tmp_path) -> None:
+    out = tmp_path / "m.onnx"
+    summary = export_checkpoint(ckpts["resnet20-4"], formats="qdq,ort", output=out)
+    ort_file, config = tmp_path / "m.ort", tmp_path / "m.required_operators.config"
+    assert ort_file.is_file() and config.is_file()
+    session = ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"])
+    x = digits.val.x[:32].numpy()
+    ref = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.95
+    text = config.read_text()
+    assert "QLinearConv" in text and "QLinearAdd" in text and "com.microsoft" in text
+    assert summary["ort_verification"]["top1_agreement"] >= 0.995
+
+
+def test_prune_channels_shrinks_file_and_stays_integer(digits, tmp_path) -> None:
+    ckpt = make_checkpoint(tmp_path / "z.pt", digits, "small_cnn", 4, steps=25,
+                           zero={"features.0.0": list(range(0, 32, 2)), "features.1.0": list(range(0, 64, 2))})
+    full, small = tmp_path / "full.onnx", tmp_path / "small.onnx"
+    export_checkpoint(ckpt, output=full)
+    summary = export_checkpoint(ckpt, prune_channels=True, output=small)
+    card = json.loads((tmp_path / "small.json").read_text())
+    assert card["channels_kept"]["features.0.0"] == 16 and card["channels_kept"]["features.1.0"] == 32
+    assert small.stat().st_size < 0.75 * full.stat().st_size
+    assert summary["pruning"]["totals"]["channels_after"] < summary["pruning"]["totals"]["channels_before"]
+    assert summary["verification"]["top1_agreement"] >= 0.995
+    assert summary["kernels"]["integer_mac_share"] == 1.0 and summary["kernels"]["float_conv_nodes"] == 0
+
+
+def test_failed_verification_writes_nothing(ckpts, tmp_path, monkeypatch) -> None:
+    import rcdeploy.export.qdq as qdq
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous export")
+    real = qdq.build_qdq
+
+    def corrupted(*args, **kwargs):
+        ex = real(*args, **kwargs)
+        fc = next(n for n in ex.model.graph.node if n.op_type == "Gemm")
+        w_dq = next(n for n in ex.model.graph.node if n.output[0] == fc.input[1])
+        w = next(t for t in ex.model.graph.initializer if t.name == w_dq.input[0])
+        arr = onnx.numpy_helper.to_array(w)
+        w.CopyFrom(onnx.numpy_helper.from_array(np.roll(arr, 1, axis=0), w.name))  # classes swapped
+        return ex
+
+    monkeypatch.setattr(qdq, "build_qdq", corrupted)
+    with pytest.raises(VerificationError, match="agrees with PyTorch"):
+        export_checkpoint(ckpts["small_cnn-8"], formats="all", output=out)
+    assert out.read_bytes() == b"previous export"
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no sidecar, no .ort, no temp files
+
+
+def test_verify_onnx_rejects_a_different_model(ckpts, digits) -> None:
+    model, _ = load_model(ckpts["small_cnn-8"])
+    other, _ = load_model(ckpts["small_cnn-4"])
+    ex = build_qdq(other, (1, 8, 8))
+    with pytest.raises(VerificationError):
+        verify_onnx(ex.to_bytes(), model, digits.val.x, digits.val.y)
+
+
+def test_bad_inputs_are_usage_errors(ckpts, digits, tmp_path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        export_checkpoint(tmp_path / "missing.pt", output=tmp_path / "m.onnx")
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(os.urandom(256))
+    with pytest.raises(UsageError, match="checkpoint"):
+        export_checkpoint(foreign, output=tmp_path / "m.onnx")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
+    with pytest.raises(UsageError, match="not an rcdeploy checkpoint"):
+        export_checkpoint(tmp_path / "plain.pt", output=tmp_path / "m.onnx")
+    with pytest.raises(UsageError, match="unknown export format"):
+        export_checkpoint(ckpts["small_cnn-8"], formats=["tflite"], output=tmp_path / "m.onnx")
+    with pytest.raises(UsageError, match=r"\.onnx"):
+        export_checkpoint(ckpts["small_cnn-8"], output=tmp_path / "m.bin")
+    with pytest.raises(UsageError, match="above"):
+        export_checkpoint(ckpts["small_cnn-4"], bits=8, output=tmp_path / "m.onnx")
+    with pytest.raises(UsageError, match="storage"):
+        export_checkpoint(ckpts["small_cnn-4"], storage="int2", output=tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt", "plain.pt"]
+
+    # 4-bit activations need Clip nodes in a QDQ graph: refused, pointing at QONNX.
+    meta = digits.meta
+    model = create_model("small_cnn", num_classes=10, in_chans=1, mean=meta.mean, std=meta.std,
+                         quant=QuantSpec(bits=4, act_bits=4), input_size=8)
+    calibrate_activations(model, [digits.train.x[:128]])
+    with pytest.raises(UsageError, match="qonnx"):
+        build_qdq(model.eval(), (1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "preact_resnet18"])
+def test_other_models_export_to_integer_kernels(name: str, digits) -> None:
+    meta = digits.meta
+    model = create_model(name, num_classes=10, in_chans=1, mean=meta.mean, std=meta.std, quant=QuantSpec(bits=8),
+                         input_size=8, width=0.25)
+    _randomize_bn(model, torch.Generator().manual_seed(2))
+    calibrate_activations(model, [digits.train.x[:128]])
+    model.eval()
+    ex = build_qdq(model, (1, 8, 8))
+    opt = ops_of(optimized_graph(ex.model))
+    assert not FLOAT_CONV & set(opt), opt
+    rep = verify_onnx(ex.to_bytes(), model, digits.val.x, logit_step=ex.logit_step)
+    assert rep["top1_agreement"] >= 0.995
