@@ -168,7 +168,7 @@ def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str
               help="Stochastic graphs: gradient draws per step and onnxruntime draws per accuracy.")
 @click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True,
               help="Latency profile: cpu (all cores, batched) or mobile (1 thread, batch 1).")
-@click.option("--batch-sizes", default="1,64", show_default=True, help="Latency batch sizes (cpu target).")
+@click.option("--batch-sizes", help="Latency batch sizes, e.g. 1,64 (default: 1,64 on cpu; mobile is batch 1).")
 @click.option("--latency-seconds", type=float, default=1.0, show_default=True,
               help="Timed seconds per batch size, at least (more while medians are unstable).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")

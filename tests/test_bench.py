@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rcdeploy.cli import main
 from rcdeploy.deploy.bench import bench_model, gradient_masking_flags, parse_batch_sizes
-from rcdeploy.deploy.report import CSV_COLUMNS, compare_reports, pareto_front
+from rcdeploy.deploy.report import CSV_COLUMNS, pareto_front
 from rcdeploy.errors import UsageError
 
 EPS = 0.2  # digits: at 0.1 a plain 8x8 model keeps ~50% under ifgsm20; at 0.2 it drops to ~0
@@ -112,6 +112,7 @@ def test_plain_model_falls_pgd_model_holds(fitted: dict[str, Path]) -> None:
     assert twin["clean_agreement_pct"] >= 99.0 and twin["adversarial_agreement_pct"] >= 99.0
     assert all(r["twin_agreement_pct"] >= 99.0 for r in _robust(pgd).values())
     assert pgd["model"]["bits"]["exported"] == 4
+    json.dumps(pgd, allow_nan=False)  # plain JSON types only: no numpy scalars, no NaN
 
 
 def test_square_no_stronger_than_white_box_on_float_model(float_model: Path) -> None:

@@ -231,7 +231,7 @@ def gradient_masking_flags(robust: list[dict[str, Any]], samples: int) -> list[s
 
 
 class _ProgressSink:
-    """A rich progress bar on stderr (or nothing), one task per attack, advanced in images."""
+    """A rich progress bar on stderr (or nothing): one task per attack (in images) and one for latency."""
 
     def __init__(self, enabled: bool | Any) -> None:
         self._progress = None
@@ -248,7 +248,7 @@ class _ProgressSink:
 
             console = enabled if not isinstance(enabled, bool) else Console(stderr=True)
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("img"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                       console=console, transient=False)
 
     def __enter__(self) -> _ProgressSink:
@@ -260,11 +260,11 @@ class _ProgressSink:
         if self._progress is not None:
             self._progress.stop()
 
-    def task(self, description: str, total: int) -> Callable[..., None]:
+    def task(self, description: str, total: int, unit: str = "img") -> Callable[..., None]:
         """A callback `update(advance=0, description=None)` for one task."""
         if self._progress is None:
             return lambda advance=0, description=None: None
-        tid = self._progress.add_task(description, total=total)
+        tid = self._progress.add_task(description, total=total, unit=unit)
 
         def update(advance: int = 0, description: str | None = None) -> None:
             self._progress.update(tid, advance=advance, **({"description": description} if description else {}))
@@ -287,7 +287,7 @@ def bench_model(
     restarts: int = 1,
     eot: int = 1,
     target: str = "cpu",
-    batch_sizes: str | list[int] = "1,64",
+    batch_sizes: str | list[int] | None = None,
     seed: int = 0,
     threads: int | None = None,
     latency: bool = True,
@@ -301,7 +301,8 @@ def bench_model(
     dataset's default_eps); step defaults to the attacks' own (eps / 4).
     samples: test images scored (default min(DEFAULT_SAMPLES, test split)).
     eot: gradient and evaluation draws for stochastic graphs (ignored for deterministic ones).
-    target: 'cpu' or 'mobile' latency profile (mobile measures batch 1 only).
+    target: 'cpu' or 'mobile' latency profile; batch_sizes default to 1,64 on cpu and 1 on
+        mobile, which measures batch 1 only.
     threads: torch threads for the twin and onnxruntime threads for scoring (default 1 for
         inputs of at most TINY_PIXELS values, else the libraries' defaults); latency always
         uses the target profile's threads.
@@ -309,7 +310,7 @@ def bench_model(
     progress: True for a rich progress bar on stderr, a rich Console to draw it on, or False.
     """
     t_start = time.perf_counter()
-    from rcdeploy.attacks import parse_attacks
+    from rcdeploy.attacks import DEFAULT_STEP_FRACTION, parse_attacks
     from rcdeploy.deploy.session import get_target, load_model_proto, open_session
 
     path = Path(model)
@@ -318,7 +319,7 @@ def bench_model(
     input_name, dims = _image_input(proto, str(path))
     card, sidecar_note = read_sidecar(path)
     notes: list[str] = [sidecar_note] if sidecar_note else []
-    sizes = parse_batch_sizes(batch_sizes)
+    sizes = parse_batch_sizes(batch_sizes if batch_sizes is not None else ("1" if target == "mobile" else "1,64"))
     if samples is not None and int(samples) < 1:
         raise UsageError(f"--samples must be >= 1, got {samples}")
     if restarts < 1 or eot < 1:
@@ -331,7 +332,7 @@ def bench_model(
         parse_attacks(spec, eps=0.5)
     if card is not None:
         rng = (card.get("input") or {}).get("range")
-        if rng is not None and [float(v) for v in rng] != [0.0, 1.0]:
+        if rng is not None and rng != [0, 1] and rng != [0.0, 1.0]:
             raise UsageError(f"{card['_path']}: input range {rng} is not [0, 1]; bench attacks images in [0, 1]")
 
     # --- dataset ---------------------------------------------------------------------------------
@@ -359,6 +360,8 @@ def bench_model(
     if n_total == 0:
         raise UsageError(f"dataset {meta.name!r} has no test images")
     n = min(int(samples) if samples is not None else DEFAULT_SAMPLES, n_total)
+    if samples is not None and int(samples) > n_total:
+        notes.append(f"--samples {samples}: the {meta.name} test split has {n_total} images, all used")
     idx = _subset(n_total, n)
     x_all = test.x[idx].cpu().float().contiguous()
     y_all = test.y[idx].cpu().long()
@@ -389,7 +392,8 @@ def bench_model(
     work_threads = threads if threads is not None else (1 if pixels <= TINY_PIXELS else None)
 
     # --- clean accuracy on onnxruntime -----------------------------------------------------------
-    session = open_session(proto, target=target, threads=work_threads)
+    # Scoring uses every core whatever the target (mobile's one thread is a latency setting only).
+    session = open_session(proto, target=target, threads=work_threads or os.cpu_count() or 1)
     clean_preds, classes = _ort_preds(session, x_np, draws)
     if classes < meta.num_classes:
         raise UsageError(f"{path}: the model outputs {classes} logits, dataset {meta.name!r} has "
@@ -523,8 +527,11 @@ def bench_model(
         if isinstance(dims[0], int) and dims[0] > 0 and lat_sizes != [dims[0]]:
             notes.append(f"the model takes a fixed batch of {dims[0]}; latency measured at that batch only")
             lat_sizes = [dims[0]]
-        lat = measure_in_subprocess(path, target=target, batch_sizes=lat_sizes, min_seconds=latency_seconds,
-                                    seed=seed)
+        with _ProgressSink(progress) as sink:
+            update = sink.task(f"latency, target {profile.name}, batch {','.join(map(str, lat_sizes))}", 1, unit="run")
+            lat = measure_in_subprocess(path, target=target, batch_sizes=lat_sizes, min_seconds=latency_seconds,
+                                        seed=seed)
+            update(advance=1)
         lat["integer_mac_share_pct"] = size["integer_mac_share_pct"]
         lat["optimized_op_histogram"] = graph.optimized_op_histogram
 
@@ -554,7 +561,8 @@ def bench_model(
             "samples": n,
             "eps": eps_v,
             "eps_source": eps_source,
-            "step": step_v if step_v is not None else (white[0].step if white else None),
+            # iterative attacks' step (fgsm steps by eps, square by its vertex value: see each attack's settings)
+            "step": step_v if step_v is not None else eps_v * DEFAULT_STEP_FRACTION,
             "attacks": [a.to_dict() for a in attack_list],
             "restarts": restarts,
             "eot": eot,
@@ -563,7 +571,7 @@ def bench_model(
             "batch_sizes": sizes,
             "seed": seed,
             "torch_threads": work_threads if work_threads is not None else torch.get_num_threads(),
-            "scoring_ort_threads": work_threads if work_threads is not None else os.cpu_count(),
+            "scoring_ort_threads": work_threads or os.cpu_count() or 1,
             "latency_min_seconds": latency_seconds if latency else None,
             "norm": "Linf",
         },

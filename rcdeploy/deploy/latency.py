@@ -19,6 +19,7 @@ within `STABLE_REL` (at most `EXTEND` times the time budget), so medians are sta
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -100,6 +101,10 @@ def _time_batch(session: Any, name: str, x: np.ndarray, min_repeats: int, min_se
             stable_rel = abs(a - b) / max(min(a, b), 1.0)
             if stable_rel <= STABLE_REL or spent >= EXTEND * budget_ns:
                 break
+    if math.isnan(stable_rel):  # MAX_REPEATS reached inside the time budget: compare the halves now
+        half = len(times) // 2
+        a, b = float(np.median(times[:half])), float(np.median(times[half:]))
+        stable_rel = abs(a - b) / max(min(a, b), 1.0)
     arr = np.asarray(times, dtype=np.float64)
     out = {"batch_size": int(x.shape[0]), "warmup_runs": warm, "repeats": len(times),
            "timed_s": float(arr.sum() / 1e9), **_percentiles(arr)}

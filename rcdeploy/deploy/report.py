@@ -64,7 +64,7 @@ def _count(n: float | None) -> str:
         return "-"
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}"
+            return f"{n / div:.3g}{suffix}"
     return f"{n:.0f}"
 
 
@@ -78,6 +78,15 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}%"
 
 
+def _table(**kw: Any) -> Any:
+    """A compact rich table (fits 80 columns): simple header rule, one space between columns."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), title_justify="left",
+                 title_style="bold", **kw)
+
+
 def _first_batch(lat: dict[str, Any] | None) -> dict[str, Any]:
     return (lat or {}).get("batches", [{}])[0] if (lat or {}).get("batches") else {}
 
@@ -87,29 +96,26 @@ def _first_batch(lat: dict[str, Any] | None) -> dict[str, Any]:
 
 def render_bench(report: dict[str, Any], console: Any) -> None:
     """The report as rich tables (size, latency, accuracy), then flags and notes."""
-    from rich.table import Table
-
     s, m, size, lat, acc = (report.get(k) or {} for k in ("settings", "model", "size", "latency", "accuracy"))
     console.print(f"[bold]rcdeploy bench[/] {m.get('path')}: {s.get('dataset')}, {s.get('samples')} test images, "
                   f"eps {fmt_eps(s.get('eps'))} ({s.get('eps_source')}), target {s.get('target')}"
                   + (" [yellow](stochastic graph)[/]" if m.get("stochastic") else ""))
 
-    t = Table(title="size", title_justify="left")
-    for col in ("file", "params", "MACs / image", "integer-kernel MACs", "initializer bytes by dtype"):
-        t.add_column(col, justify="right" if col != "initializer bytes by dtype" else "left")
+    by_dtype = ", ".join(f"{k} {_bytes(v)}" for k, v in (size.get("bytes_by_dtype") or {}).items())
+    t = _table(title="size")
+    for col in ("file", "params", "MACs / image", "in integer kernels"):
+        t.add_column(col, justify="right")
     t.add_row(_bytes(size.get("file_bytes")), _count(size.get("params")), _count(size.get("macs")),
-              _pct(size.get("integer_mac_share_pct")),
-              ", ".join(f"{k} {_bytes(v)}" for k, v in (size.get("bytes_by_dtype") or {}).items()))
+              _pct(size.get("integer_mac_share_pct")))
     console.print(t)
+    console.print(f"[dim]initializers: {by_dtype}[/]")
 
     if lat:
-        t = Table(title=f"latency, onnxruntime {lat.get('onnxruntime', '')}: {lat.get('description')}",
-                  title_justify="left",
-                  caption=(f"intra-op threads {lat.get('intra_op_threads')} of {lat.get('cpu_count')} cores, "
-                           f"{lat.get('execution_mode')} execution; session load {_ms(1e3 * lat['session_load_s'])} ms; "
-                           f"peak RSS +{_bytes(lat.get('session_peak_rss_delta_bytes'))} over "
-                           f"{_bytes(lat.get('baseline_rss_bytes'))} ({lat.get('memory_method')})"),
-                  caption_justify="left")
+        caption = (f"{lat.get('description')}; intra-op threads {lat.get('intra_op_threads')} of "
+                   f"{lat.get('cpu_count')} cores, {lat.get('execution_mode')} execution; session load "
+                   f"{_ms(1e3 * lat['session_load_s'])} ms; peak RSS +{_bytes(lat.get('session_peak_rss_delta_bytes'))} "
+                   f"over {_bytes(lat.get('baseline_rss_bytes'))} ({lat.get('memory_method')})")
+        t = _table(title=f"latency, target {lat.get('target')}, onnxruntime {lat.get('onnxruntime', '')}")
         for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "runs"):
             t.add_column(col, justify="right")
         for b in lat.get("batches", []):
@@ -117,22 +123,25 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
             t.add_row(str(b["batch_size"]), _ms(b["p50_ms"]), _ms(b["p90_ms"]), _ms(b["p99_ms"]),
                       f"{ips:,.0f}" if ips else "-", f"{b['repeats']}" + ("" if b.get("stable") else " (unstable)"))
         console.print(t)
+        console.print(f"[dim]{caption}[/]")
 
     twin = acc.get("twin") or {}
-    t = Table(title="accuracy, scored by onnxruntime on the file", title_justify="left")
-    for col in ("images", "accuracy", "twin agrees", "max |x_adv - x|", "in ball & [0,1]", "time s"):
-        t.add_column(col, justify="right" if col != "images" else "left")
+    t = _table(title="accuracy, scored by onnxruntime on the file")
+    for col in ("images", "accuracy", "twin agrees", "max|dx| / eps", "valid", "time s"):
+        t.add_column(col, justify="right" if col != "images" else "left", no_wrap=True)
     t.add_row("clean", _pct(acc.get("clean_acc_pct")), _pct(twin.get("clean_agreement_pct")), "-", "-", "-")
     for r in acc.get("robust", []):
         ok = r.get("within_eps") and r.get("in_unit_range")
-        label = r["name"] + (" (black-box)" if r.get("family") == "square" else "")
+        label = r["name"] + (" (no grad)" if r.get("family") == "square" else "")
         t.add_row(label, _pct(r["robust_acc_pct"]), _pct(r.get("twin_agreement_pct")),
-                  f"{r['max_perturbation']:.4g} (eps {fmt_eps(r['eps'])})", "yes" if ok else "[red]NO[/]",
+                  f"{r['max_perturbation']:.4g} / {fmt_eps(r['eps'])}", "yes" if ok else "[red]NO[/]",
                   f"{r['time_s']:.1f}")
     if acc.get("worst_case_acc_pct") is not None:
-        t.add_row("[bold]worst case per image[/]", f"[bold]{_pct(acc['worst_case_acc_pct'])}[/]",
+        t.add_row("[bold]worst case[/]", f"[bold]{_pct(acc['worst_case_acc_pct'])}[/]",
                   _pct(twin.get("adversarial_agreement_pct")), "", "", "")
     console.print(t)
+    console.print("[dim]twin agrees: top-1 of the differentiable twin = onnxruntime's; max|dx|: max |x_adv - x|; "
+                  "valid: every adversarial image within eps of its original and in [0, 1][/]")
     for flag in acc.get("flags", []):
         console.print(f"[bold red]warning:[/] {flag}")
     for note in report.get("notes", []):
@@ -287,9 +296,10 @@ def compare_reports(paths: list[str], plot: str | None = None) -> dict[str, Any]
             "robust_acc_pct": acc.get("worst_case_acc_pct"),
         })
     names = [row["model"] for row in rows]
-    if len(set(names)) < len(names):  # same file names in different folders: tell them apart
-        for row in rows:
-            row["model"] = row["report"]
+    if len(set(names)) < len(names):  # one model benched twice, or same names in different folders
+        stems = [Path(row["report"]).stem for row in rows]
+        for row, stem in zip(rows, stems):
+            row["model"] = stem if len(set(stems)) == len(stems) else row["report"]
     objectives = [(k, mx) for k, mx in _OBJECTIVES if all(row[k] is not None for row in rows)]
     front = pareto_front([tuple(float(row[k]) for k, _ in objectives) for row in rows],
                          tuple(mx for _, mx in objectives)) if objectives else [True] * len(rows)
@@ -340,7 +350,8 @@ def write_pareto_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
             if len(front) > 1:
                 ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red",
                         alpha=0.6, label="Pareto front")
-                ax.legend(loc="lower right", fontsize=8)
+                ax.legend(loc="best", fontsize=8)
+            ax.margins(0.15)  # room for the labels of points at the edges
             if min(xs) > 0 and max(xs) / min(xs) > 20:
                 ax.set_xscale("log")
     fig.suptitle("rcdeploy compare: accuracy vs size and latency (red: Pareto front)")
@@ -350,23 +361,32 @@ def write_pareto_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def render_compare(table: dict[str, Any], console: Any) -> None:
-    """The comparison as one rich table; Pareto-front rows starred."""
-    from rich.table import Table
-
-    t = Table(title="rcdeploy compare (* = on the Pareto front: "
-              + ", ".join(table.get("pareto_objectives", [])) + ")", title_justify="left")
-    cols = ("", "model", "dataset", "target", "eps", "attacks", "file", "params", "MACs", "int MACs",
-            "p50 ms", "img/s", "clean", "robust")
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("", "model", "dataset", "target", "attacks") else "right")
-    for r in table["rows"]:
-        t.add_row("*" if r.get("pareto") else "", str(r["model"]), str(r["dataset"]), str(r["target"]),
-                  fmt_eps(r["eps"]), r["attacks"], _bytes(r["file_bytes"]), _count(r["params"]),
-                  _count(r["macs"]), _pct(r["integer_mac_share_pct"]),
+    """The comparison as one rich table; Pareto-front rows starred. Shared settings go in the caption."""
+    rows = table["rows"]
+    shared = []
+    for key in ("dataset", "attacks", "target", "eps"):
+        values = {str(r[key]) for r in rows}
+        if len(values) == 1:
+            shared.append(f"{key} {fmt_eps(rows[0][key]) if key == 'eps' else rows[0][key]}")
+    # attacks differ often and read badly in a narrow column: they go in the notes (compare_reports)
+    varying = [k for k in ("dataset", "target", "eps") if len({str(r[k]) for r in rows}) > 1]
+    t = _table(title="rcdeploy compare: * on the Pareto front ("
+               + ", ".join(table.get("pareto_objectives", [])) + ")")
+    t.add_column("model", no_wrap=True)
+    for k in varying:
+        t.add_column(k, no_wrap=True)
+    for c in ("file", "MACs", "int", "p50 ms", "img/s", "clean", "robust"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for r in rows:
+        extra = [fmt_eps(r[k]) if k == "eps" else str(r[k]) for k in varying]
+        share = r["integer_mac_share_pct"]
+        t.add_row(("* " if r.get("pareto") else "  ") + str(r["model"]), *extra, _bytes(r["file_bytes"]),
+                  _count(r["macs"]), "-" if share is None else f"{share:.0f}%",
                   _ms(r["latency_ms"]) + (f" (b{r['latency_batch']})" if r.get("latency_batch") not in (None, 1) else ""),
-                  f"{r['img_per_s']:,.0f}" if r.get("img_per_s") else "-",
+                  _count(r.get("img_per_s")),
                   _pct(r["clean_acc_pct"]), _pct(r["robust_acc_pct"]))
     console.print(t)
+    console.print("[dim]" + "; ".join([*shared, "robust = worst case per image"]) + "[/]")
     for note in table.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     if table.get("plot"):
@@ -378,10 +398,9 @@ def render_compare(table: dict[str, Any], console: Any) -> None:
 
 def render_inspect(report: Any, console: Any) -> None:
     """A `GraphReport` (or its dict) as rich tables: totals, ops as stored vs as run, bytes by dtype."""
-    from rich.table import Table
 
     d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    t = Table(title="model", title_justify="left")
+    t = _table(title="model")
     for c in ("file", "params", "MACs / image", "integer-kernel MACs", "MAC shapes from"):
         t.add_column(c, justify="right")
     t.add_row(_bytes(d.get("file_bytes")), _count(d.get("params")), _count(d.get("macs_total")),
@@ -389,16 +408,16 @@ def render_inspect(report: Any, console: Any) -> None:
               str(d.get("shapes_from")))
     console.print(t)
     stored, run = d.get("op_histogram") or {}, d.get("optimized_op_histogram") or {}
-    t = Table(title="ops: in the file / as onnxruntime runs them", title_justify="left")
+    t = _table(title="ops: in the file / as onnxruntime runs them")
     t.add_column("op")
     t.add_column("file", justify="right")
     t.add_column("onnxruntime", justify="right")
     for op in sorted(set(stored) | set(run), key=lambda o: (-(run.get(o, 0) + stored.get(o, 0)), o)):
         t.add_row(op, str(stored.get(op, "")), str(run.get(op, "")))
     console.print(t)
-    t = Table(title="initializer bytes by dtype", title_justify="left")
+    t = _table(title="initializer bytes by dtype")
     t.add_column("dtype")
     t.add_column("bytes", justify="right")
     for k, v in (d.get("bytes_by_dtype") or {}).items():
-        t.add_row(k, f"{v:,} ({_bytes(v)})")
+        t.add_row(k, f"{v:,}")
     console.print(t)

@@ -9,7 +9,6 @@ decided on training images only, never on the held-out ones that the report scor
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -21,7 +20,7 @@ from rcdeploy.quant.presets import bits_name
 from rcdeploy.quant.spec import QuantSpec, apply_bit_policy, layer_bits, weight_layers
 
 CLIP_RATIOS = torch.linspace(0.30, 1.0, 36)  # candidate clipping thresholds, as shares of max |w| per channel
-CALIBRATION_IMAGES = 2048  # training images used for BatchNorm re-estimation and the keep/discard decision
+CALIBRATION_IMAGES = 1024  # training images used for BatchNorm re-estimation and the keep/discard decision
 BATCH = 256
 
 
@@ -80,11 +79,19 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
             m.eval()
 
 
+def _bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
 def requantize(model: nn.Module, spec: QuantSpec, bits: int, train_x: torch.Tensor,
                train_y: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of `model` with weights post-training quantized to `bits` (first/last-layer policy kept)."""
+    """Post-training quantize `model`'s weights to `bits` (first/last-layer policy kept), in place.
+
+    Returns the model (layers replaced, so use the returned object) and a report.
+    """
     new_spec = dataclasses.replace(spec, bits=bits)
-    model = copy.deepcopy(model).eval()
+    model.eval()
     before = {name: layer_bits(m) for name, m in weight_layers(model)}
     apply_bit_policy(model, new_spec)
     init_weight_scales(model)
@@ -98,12 +105,14 @@ def requantize(model: nn.Module, spec: QuantSpec, bits: int, train_x: torch.Tens
     idx = torch.randperm(len(train_x), generator=gen)[:n].to(train_x.device)
     cx, cy = train_x[idx], train_y[idx]
     acc_plain = _accuracy(model, cx, cy)
-    candidate = copy.deepcopy(model)
-    reestimate_batchnorm(candidate, cx)
-    acc_bn = _accuracy(candidate, cx, cy)
+    saved = _bn_state(model)
+    reestimate_batchnorm(model, cx)
+    acc_bn = _accuracy(model, cx, cy)
     keep_bn = acc_bn > acc_plain
+    if not keep_bn:
+        model.load_state_dict(saved, strict=False)
     report = {"from_bits": spec.bits, "to_bits": bits, "layers": changed, "calibration_images": n,
               "weight_scales": "per-channel MSE clipping search",
               "batchnorm_reestimated": keep_bn,
               "calibration_acc_without_bn_reestimation": acc_plain, "calibration_acc_with_bn_reestimation": acc_bn}
-    return (candidate if keep_bn else model), report
+    return model, report

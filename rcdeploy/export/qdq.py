@@ -17,10 +17,12 @@ emitted in the exact form onnxruntime's QDQ selectors fuse into integer kernels:
   (no output Q) fuses into QGemm with float logits.
 
 Weights of 4 bits or fewer (4, 3, ternary, binary) are stored as packed INT4 when
-`storage="packed"` (two values per byte): onnxruntime does not fuse an INT4 DequantizeLinear into
-QLinearConv, so `rcdeploy.deploy.session.open_session` widens them to INT8 in memory before the
-session is built (values unchanged) and gets int8-kernel speed back. `storage="int8"` widens at
-export instead: a bigger file that is fast in any plain onnxruntime.
+`storage="packed"` (two values per byte), feeding Cast(INT8) -> Mul(k) -> DequantizeLinear.
+onnxruntime folds the Cast and Mul of constants at load and then fuses the DQ into QLinearConv as
+for any int8 weight (checked on its optimized graph), so the 4-bit file is about half the 8-bit one
+and still runs int8 kernels in plain onnxruntime, no special loader needed. (An INT4 initializer
+read by DequantizeLinear directly is *not* fused: onnxruntime dequantizes it and runs a float Conv.)
+`storage="int8"` stores the int8 values instead, for readers without INT4 support.
 """
 
 from __future__ import annotations
@@ -239,12 +241,21 @@ def _fold_bn(p: _Pending, bn: nn.BatchNorm2d) -> None:
     p.negative_gains = int((g < 0).sum())
 
 
-def _weight_tensor(b: _Builder, w_int: np.ndarray, bits: int, storage: str) -> tuple[str, str]:
+def _weight_tensor(b: _Builder, w_int: np.ndarray, k: int, bits: int, storage: str) -> tuple[str, str]:
+    """The int8 weight tensor a DequantizeLinear reads: w_int * k per output channel.
+
+    Packed (bits <= 4): an INT4 initializer (ml_dtypes.int4 arrays are written two values per byte by
+    onnx.numpy_helper; a tensor built from a Python list is not), Cast to INT8 and multiplied by k.
+    onnxruntime folds both at load, so the DequantizeLinear reads a constant int8 tensor and fuses
+    into QLinearConv like any int8 weight: the file is small and plain onnxruntime still runs int8
+    kernels. int8: the product stored as is (readers without INT4 support, e.g. onnxruntime < 1.20).
+    """
     if storage == "packed" and bits <= 4:
-        # ml_dtypes.int4 arrays are written packed (two values per byte) by onnx.numpy_helper;
-        # a tensor built from a Python list is not.
-        return b.init("w", w_int.astype(ml_dtypes.int4)), "int4"
-    return b.init("w", w_int.astype(np.int8)), "int8"
+        name = b.node("Cast", [b.init("w", w_int.astype(ml_dtypes.int4))], to=TensorProto.INT8)
+        if k > 1:
+            name = b.node("Mul", [name, b.scalar(k, np.int8)])
+        return name, "int4"
+    return b.init("w", (w_int.astype(np.int16) * k).astype(np.int8)), "int8"
 
 
 class _Writer:
@@ -267,11 +278,18 @@ class _Writer:
         base = p.module_name
         m = p.module
         is_conv = isinstance(m, qnn.QuantConv2d)
-        w_scale32 = p.w_scale.astype(np.float32)
+        conv_integer = is_conv and out_q is None
+        # Spread each channel's integers over the int8 range (w*k, scale/k; real weights unchanged): the
+        # int32 bias lives on the accumulator grid x_scale*w_scale, and a k-times finer grid rounds it k
+        # times more finely (k = 18 at 4 bits, 127 ternary). It is the one rounding the integer graph adds
+        # to the PyTorch model, and at 4 bits it was enough to flip top-1 on near-ties.
+        # One k per layer (a scalar costs one byte in a packed file; per channel would cost a tensor).
+        max_int = np.abs(p.w_int.astype(np.int64)).reshape(len(p.w_scale), -1).max(1)
+        k = 1 if conv_integer else max(1, 127 // max(int(max_int.max()), 1))
+        w_scale32 = (p.w_scale / k).astype(np.float32)
         # Bias at the accumulator's scale, computed in float32 exactly as the integer kernel will.
         acc_scale32 = (np.float32(p.x.scale) * w_scale32).astype(np.float32)
         b_int = np.clip(np.round(p.bias / acc_scale32.astype(np.float64)), _INT32.min, _INT32.max).astype(np.int32)
-        conv_integer = is_conv and out_q is None
         if conv_integer:
             # DQ -> Conv without an output Q does not fuse (onnxruntime keeps a float Conv); ConvInteger keeps
             # the MACs on integers and rescales the exact int32 sums per channel afterwards.
@@ -284,13 +302,12 @@ class _Writer:
             y = b.node("Add", [y, b.init("b", bias)], out=out_name)
         else:
             x_dq = b.dq(p.x)
-            w_name, stored = _weight_tensor(b, p.w_int, p.bits, self.storage)
+            w_name, stored = _weight_tensor(b, p.w_int, k, p.bits, self.storage)
             w_inputs = [w_name, b.init("ws", w_scale32)]
             if not is_conv:
                 # onnxruntime 1.31 fuses DQ -> Gemm into QGemm only when the weight DQ names its zero point
                 # (DQ -> Conv fuses without one, so convolutions save those bytes).
-                zeros = np.zeros(len(w_scale32), np.int8)
-                w_inputs.append(b.init("wz", zeros.astype(ml_dtypes.int4) if stored == "int4" else zeros))
+                w_inputs.append(b.init("wz", np.zeros(len(w_scale32), np.int8)))
             w_dq = b.node("DequantizeLinear", w_inputs, axis=0)
             b_dq = b.node("DequantizeLinear", [b.init("b", b_int), b.init("bs", acc_scale32)], axis=0)
             if is_conv:
@@ -317,7 +334,7 @@ class _Writer:
             if not is_conv:
                 # One step of one input feature through the largest weight of the layer: the natural unit of
                 # a float-output layer's disagreement.
-                self.logit_step = float(p.x.scale * np.max(np.abs(p.w_int).reshape(out_ch, -1).max(1) * p.w_scale))
+                self.logit_step = float(p.x.scale * np.max(max_int * p.w_scale))
             return _Float(y)
         return b.q(y, out_q[0], out_q[1], out_q[2])
 
@@ -528,16 +545,6 @@ def build_qdq(model: nn.Module, input_shape: tuple[int, int, int], *, storage: s
     except onnx.checker.ValidationError as e:  # a writer bug, not a user error
         raise RuntimeError(f"the integer ONNX graph written is invalid: {str(e).splitlines()[0]}") from e
     return QDQExport(onnx_model, writer.layers, writer.acts, writer.logit_step, writer.float_affine)
-
-
-def widen_to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every INT4 initializer stored as INT8 (same values): what `storage="int8"` writes."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.data_type == TensorProto.INT4:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int8), t.name))
-    return out
 
 
 def bytes_by_dtype(model: onnx.ModelProto) -> dict[str, int]:
