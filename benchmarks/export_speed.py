@@ -11,6 +11,8 @@ calibrated on random images: latency and size do not depend on training):
   int4 int8-stor  the same values stored as INT8 (storage="int8")
   int4 naive      reference only: the same INT4 initializers read by DequantizeLinear directly (the
                   form onnxruntime does not fuse); same function, float Conv kernels
+  ort quantize_static  peer: onnxruntime's own PTQ of the fp32 file, fast form (quant_pre_process, U8S8
+                  QDQ, per-tensor), i.e. what a user gets without rcdeploy (no QAT, no robustness)
 Every model runs in a plain onnxruntime InferenceSession (CPU provider, ORT_ENABLE_ALL, sequential).
 Latency: median of all timed runs, measured round-robin over the models in several rounds so that load
 from other processes hits all models alike. Ratios are fp32 latency / model latency in the same run.
@@ -39,7 +41,10 @@ from rcdeploy.quant.spec import QuantSpec
 
 SHAPE = (3, 32, 32)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-SETTINGS = (("b1/1 thread", 1, 1, 100), ("b64/2 threads", 64, 2, 8))  # name, batch, threads, runs per round
+# name, batch, intra-op threads, thread-pool spinning, runs per round. Spinning is onnxruntime's default;
+# on a shared, oversubscribed machine spinning workers lose their slices to other processes, so the
+# b64 setting is also measured with spinning off (same settings for every model in a row).
+SETTINGS = (("b1/1t", 1, 1, True, 100), ("b64/2t", 64, 2, True, 8), ("b64/2t nospin", 64, 2, False, 8))
 
 
 def make_model(bits: int, seed: int = 0) -> torch.nn.Module:
@@ -69,6 +74,29 @@ def fp32_onnx(model: torch.nn.Module) -> bytes:
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                           dynamo=False)
         return path.read_bytes()
+
+
+def ort_quantize_static(fp32: bytes) -> bytes:
+    """Peer: onnxruntime's own post-training quantizer in its fast form (quant_pre_process, U8S8 QDQ)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            gen = np.random.default_rng(0)
+            self.batches = iter([{"input": gen.random((16, *SHAPE), dtype=np.float32)} for _ in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "q.onnx"))
+        src.write_bytes(fp32)
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return out.read_bytes()
 
 
 def naive_int4(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -104,9 +132,11 @@ def naive_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def session(data: bytes, threads: int) -> ort.InferenceSession:
+def session(data: bytes, threads: int, spin: bool = True) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -127,14 +157,14 @@ def main() -> None:
     int4 = build_qdq(m4, SHAPE, storage="packed")
     int4_wide = build_qdq(m4, SHAPE, storage="int8").to_bytes()
     models = {"fp32": fp32, "int8": int8, "int4 packed": int4.to_bytes(), "int4 int8-stored": int4_wide,
-              "int4 naive (ref)": naive_int4(int4.model).SerializeToString()}
+              "int4 naive (ref)": naive_int4(int4.model).SerializeToString(),
+              "ort quantize_static": ort_quantize_static(fp32)}
 
     rng = np.random.default_rng(0)
     results: dict = {"onnxruntime": ort.__version__, "sizes": {k: len(v) for k, v in models.items()}, "latency_ms": {}}
-    for setting, batch, threads, runs in SETTINGS:
+    for setting, batch, threads, spin, runs in SETTINGS:
         x = rng.random((batch, *SHAPE), dtype=np.float32)
-        sessions = {k: session(v, threads) for k, v in models.items()}
-        ref = sessions["fp32"].run(None, {"input": x})[0]
+        sessions = {k: session(v, threads, spin) for k, v in models.items()}
         times: dict[str, list[float]] = {k: [] for k in models}
         for s in sessions.values():  # warm-up
             for _ in range(3):
@@ -146,18 +176,17 @@ def main() -> None:
                     s.run(None, {"input": x})
                     times[name].append(time.perf_counter() - t0)
         results["latency_ms"][setting] = {k: 1000 * statistics.median(v) for k, v in times.items()}
-        del ref
 
     lat = results["latency_ms"]
     names = list(models)
-    header = f"{'model':<18}{'bytes':>10}{'size/fp32':>11}" + "".join(
-        f"{s + ' ms':>18}{'speedup':>9}" for s, *_ in SETTINGS)
+    header = f"{'model':<21}{'bytes':>10}{'size/fp32':>10}" + "".join(
+        f"{s + ' ms':>17}{'x fp32':>8}" for s, *_ in SETTINGS)
     print(f"ResNet-20 3x32x32, onnxruntime {ort.__version__}, CPU EP, median latency ({args.rounds} rounds)")
     print(header)
     for name in names:
-        row = f"{name:<18}{results['sizes'][name]:>10,}{results['sizes'][name] / results['sizes']['fp32']:>11.3f}"
+        row = f"{name:<21}{results['sizes'][name]:>10,}{results['sizes'][name] / results['sizes']['fp32']:>10.3f}"
         for s, *_ in SETTINGS:
-            row += f"{lat[s][name]:>18.3f}{lat[s]['fp32'] / lat[s][name]:>8.2f}x"
+            row += f"{lat[s][name]:>17.3f}{lat[s]['fp32'] / lat[s][name]:>7.2f}x"
         print(row)
     print(f"int4 packed / int8 file size: {results['sizes']['int4 packed'] / results['sizes']['int8']:.3f}")
     if args.json:

@@ -25,9 +25,11 @@ from rcdeploy.train.unstructured import hard_threshold, magnitude_mask, project_
 DIGITS = {"num_classes": 10, "in_chans": 1, "mean": [0.3], "std": [0.3], "input_size": 8}
 
 
-def _model(name: str = "small_cnn", bits: int | str = 4, seed: int = 0, **kw) -> nn.Module:
+def _model(name: str = "small_cnn", bits: int | str = 4, seed: int = 0, overrides: dict | None = None,
+           **kw) -> nn.Module:
     torch.manual_seed(seed)
-    model = create_model(name, quant=QuantSpec(bits=bits, first_last_bits=None), **{**DIGITS, **kw})
+    quant = QuantSpec(bits=bits, first_last_bits=None, overrides=overrides or {})
+    model = create_model(name, quant=quant, **{**DIGITS, **kw})
     calibrate_activations(model, [torch.rand(16, 1, 8, 8) for _ in range(2)])
     return model.eval()
 
@@ -170,8 +172,9 @@ def test_noise_scale_is_a_tenth_of_each_images_std():
     assert drawn.mean(1).abs().max() < 0.01 * x.flatten(1).std(1).max()
 
 
-def test_ensemble_mean_is_exact_and_head_gradients_follow_the_averaged_form():
-    model = _model("en2resnet20", width=0.25, noise=0.0)
+@pytest.mark.parametrize("overrides", [None, {"members.*.head.fc": 8}])  # heads rebuilt after construction
+def test_ensemble_mean_is_exact_and_head_gradients_follow_the_averaged_form(overrides):
+    model = _model("en2resnet20", width=0.25, noise=0.0, overrides=overrides)
     model.train()
     feats: list[torch.Tensor] = []
     hooks = [m.head.fc.register_forward_hook(lambda _m, i, _o: feats.append(i[0].detach())) for m in model.members]
@@ -214,6 +217,23 @@ def test_eot_evaluation_averages_accuracy_over_draws():
     det = _model(width=0.25)
     xd, yd = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
     assert evaluate(det, xd, yd, "fgsm", 0.1, eot=3) == evaluate(det, xd, yd, "fgsm", 0.1, eot=1)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--quant", "magic"], "unknown quantization method"),
+    (["--quant", "binary-relax", "--bits", "float"], "needs quantized weights"),
+    (["--sparsity-param", "lambda1"], "KEY=VALUE"),
+    (["--sparsity", "rvsm", "--prune-channels", "0.5"], "--prune-weights"),
+    (["--sparsity", "admm"], "--prune-weights"),
+    (["--eot", "0"], "--eot"),
+])
+def test_bad_seed_method_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(out), "--epochs", "1", "--threads", "1", *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error:") and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and not (out.exists() and any(out.iterdir()))
 
 
 # -- composition: EnResNet + 4 bits + Binary-Relax + TRADES + RGSM, then export -------------------------

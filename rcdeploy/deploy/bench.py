@@ -330,6 +330,11 @@ def bench_model(
     no_attacks = spec.lower() in ("", "none")
     if not no_attacks:  # unknown names fail before any data is loaded
         parse_attacks(spec, eps=0.5)
+    eps_flag, step_v = _fraction(eps, "eps"), _fraction(step, "step")
+    if eps_flag is not None and not 0 < eps_flag <= 1:
+        raise UsageError(f"--eps {eps_flag:g} is outside (0, 1]: eps is in [0, 1] image units, e.g. 8/255")
+    if step_v is not None and not 0 < step_v <= 1:
+        raise UsageError(f"--step {step_v:g} is outside (0, 1]: step is in [0, 1] image units, e.g. 2/255")
     if card is not None:
         rng = (card.get("input") or {}).get("range")
         if rng is not None and rng != [0, 1] and rng != [0.0, 1.0]:
@@ -370,17 +375,14 @@ def bench_model(
     # --- eps, step, attacks ----------------------------------------------------------------------
     training = (card or {}).get("training") or {}
     card_eps = training.get("eps", (card or {}).get("eps"))
-    if eps is not None:
-        eps_v, eps_source = _fraction(eps, "eps"), "--eps"
+    if eps_flag is not None:
+        eps_v, eps_source = eps_flag, "--eps"
     elif card_eps is not None and from_card:
         eps_v, eps_source = _fraction(card_eps, "eps"), "sidecar training eps"
     else:
         eps_v, eps_source = float(meta.default_eps), f"dataset {meta.name} default"
     if not 0 < eps_v <= 1:
-        raise UsageError(f"--eps {eps_v:g} is outside (0, 1]: eps is in [0, 1] image units, e.g. 8/255")
-    step_v = _fraction(step, "step")
-    if step_v is not None and not 0 < step_v <= 1:
-        raise UsageError(f"--step {step_v:g} is outside (0, 1]: step is in [0, 1] image units, e.g. 2/255")
+        raise UsageError(f"eps {eps_v:g} ({eps_source}) is outside (0, 1]; pass --eps in [0, 1] image units, e.g. 8/255")
     stochastic = _is_stochastic(proto)
     draws = eot if stochastic else 1
     if eot > 1 and not stochastic:

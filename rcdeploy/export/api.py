@@ -7,8 +7,6 @@ and never touches files already there.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from rcdeploy.errors import UsageError, VerificationError
+from rcdeploy.io import atomic_write_files
 from rcdeploy.quant.presets import FLOAT, bits_name, parse_bits
 from rcdeploy.quant.spec import QuantSpec, layer_bits, weight_layers
 
@@ -56,28 +55,6 @@ def parse_formats(formats: Sequence[str] | str) -> list[str]:
     if not names:
         raise UsageError(f"no export format given; choose from: {', '.join(FORMATS)}, all")
     return [f for f in FORMATS if f in names]
-
-
-def write_files_atomically(files: dict[Path, bytes]) -> None:
-    """Write every file to a temp file in its folder, then rename them all; on failure remove the temps."""
-    temps: list[tuple[str, Path]] = []
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps.append((tmp, path))
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the files are for sharing
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def heldout_images(data: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,15 +103,25 @@ def _shrink(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, 
     return small.eval(), (report.to_dict() if hasattr(report, "to_dict") else dict(report))
 
 
-def _layer_table(model: nn.Module, ex: Any | None) -> list[dict[str, Any]]:
-    if ex is not None:
-        return [layer.to_dict() for layer in ex.layers]
+def _layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Weight layers of a model that was not written as an integer graph (QONNX-only exports)."""
     rows = []
     for name, m in weight_layers(model):
         out = getattr(m, "out_channels", getattr(m, "out_features", None))
         rows.append({"name": name, "weight_bits": layer_bits(m), "out_channels": out,
-                     "params": sum(p.numel() for n, p in m.named_parameters(recurse=False))})
+                     "params": sum(p.numel() for p in (m.weight, m.bias) if p is not None)})
     return rows
+
+
+def _act_bits(model: nn.Module) -> dict[str, int | None]:
+    """Bits of every activation quantizer (None where quantization is off)."""
+    import brevitas.nn as qnn
+
+    out: dict[str, int | None] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (qnn.QuantReLU, qnn.QuantIdentity)):
+            out[name] = int(m.act_quant.bit_width()) if m.act_quant.is_quant_enabled else None
+    return out
 
 
 def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | str | None = None,
@@ -267,13 +254,13 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
         files[paths["qonnx"]] = qonnx_bytes
         export_info.setdefault("files", {})[paths["qonnx"].name] = {"format": "qonnx", "bytes": len(qonnx_bytes)}
 
-    layers = export_info.get("layers") or _layer_table(model, None)
+    layers = export_info.get("layers") or _layer_table(model)
     export_info.setdefault("layers", layers)
     export_info.update({
         "storage": storage,
         "bits": {"trained": trained_bits, "exported": summary["bits"],
                  "weights": {row["name"]: row.get("weight_bits") for row in layers},
-                 "activations": {k: v["bits"] for k, v in (ex.act_quantizers if ex else {}).items()}},
+                 "activations": _act_bits(model)},
         "channels_kept": {row["name"]: row.get("out_channels") for row in layers},
         "params": int(sum(row.get("params", 0) for row in layers)),
         "macs": int(sum(row.get("macs", 0) or 0 for row in layers)) if ex else None,
@@ -287,7 +274,7 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
     card = sidecar.build_card(ckpt=ckpt, model_spec=ckpt["model"], export=export_info)
     files[paths["sidecar"]] = sidecar.card_text(card).encode()
 
-    write_files_atomically(files)
+    atomic_write_files(files)
     summary["files"] = {str(p): len(b) for p, b in files.items()}
     summary["params"] = export_info["params"]
     summary["macs"] = export_info["macs"]

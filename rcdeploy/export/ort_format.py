@@ -2,9 +2,11 @@
 
 Same recipe as `python -m onnxruntime.tools.convert_onnx_models_to_ort` (fixed optimization style,
 ORT_ENABLE_ALL without the x86-only NCHWc transformer, so the file runs on ARM too), done through
-the Python API so nothing is printed and the paths in the config are the shipped names. Packed INT4
-weights are widened to INT8 first: the .ort file stores the fused integer kernels (QLinearConv...),
-which a minimal build cannot re-derive from INT4 DequantizeLinear nodes.
+the Python API so nothing is printed and the paths in the config are the shipped names. The .ort file
+stores the graph after onnxruntime's optimizations: fused integer kernels (QLinearConv, QLinearAdd,
+QGemm...) with int8 weights (rcdeploy's packed INT4 -> Cast -> Mul chains are folded there). A foreign
+file whose INT4 weights feed DequantizeLinear directly is widened to INT8 first, or it would be
+saved as float Conv.
 """
 
 from __future__ import annotations

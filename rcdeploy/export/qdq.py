@@ -127,7 +127,9 @@ class _Pending:
     w_scale: np.ndarray  # float64 [out]
     bias: np.ndarray  # float64 [out]
     bits: int
+    users: int = 1  # consumers in the fx graph: a BN folds / an output Q fuses only into a sole consumer
     bn_folded: bool = False
+    done: _Float | None = None  # float result once written (shared by several consumers)
     negative_gains: int = 0
 
 
@@ -279,11 +281,11 @@ class _Writer:
         m = p.module
         is_conv = isinstance(m, qnn.QuantConv2d)
         conv_integer = is_conv and out_q is None
-        # Spread each channel's integers over the int8 range (w*k, scale/k; real weights unchanged): the
-        # int32 bias lives on the accumulator grid x_scale*w_scale, and a k-times finer grid rounds it k
-        # times more finely (k = 18 at 4 bits, 127 ternary). It is the one rounding the integer graph adds
-        # to the PyTorch model, and at 4 bits it was enough to flip top-1 on near-ties.
-        # One k per layer (a scalar costs one byte in a packed file; per channel would cost a tensor).
+        # Spread the layer's integers over the int8 range (w*k, scale/k; real weights unchanged): the int32
+        # bias lives on the accumulator grid x_scale*w_scale, and a k-times finer grid rounds it k times more
+        # finely (k = 18 at 4 bits, 127 ternary). That rounding is the one error the integer graph adds to
+        # the PyTorch model, and at 4 bits it was enough to flip top-1 on near-ties. One k per layer: a
+        # scalar costs one byte in a packed file, a per-channel k a tensor.
         max_int = np.abs(p.w_int.astype(np.int64)).reshape(len(p.w_scale), -1).max(1)
         k = 1 if conv_integer else max(1, 127 // max(int(max_int.max()), 1))
         w_scale32 = (p.w_scale / k).astype(np.float32)
@@ -293,13 +295,12 @@ class _Writer:
         if conv_integer:
             # DQ -> Conv without an output Q does not fuse (onnxruntime keeps a float Conv); ConvInteger keeps
             # the MACs on integers and rescales the exact int32 sums per channel afterwards.
-            w_name, stored = b.init("w", p.w_int.astype(np.int8)), "int8"
+            w_name, stored = _weight_tensor(b, p.w_int, 1, p.bits, self.storage)
             y = b.node("ConvInteger", [p.x.name, w_name, p.x.zp_init, b.scalar(0, np.int8)], base,
                        **self._conv_attrs(m, base))
             y = b.node("Cast", [y], to=TensorProto.FLOAT)
             y = b.node("Mul", [y, b.init("as", acc_scale32.reshape(1, -1, 1, 1))])
-            bias = (b_int.astype(np.float64) * acc_scale32).astype(np.float32).reshape(1, -1, 1, 1)
-            y = b.node("Add", [y, b.init("b", bias)], out=out_name)
+            y = b.node("Add", [y, b.init("b", p.bias.astype(np.float32).reshape(1, -1, 1, 1))], out=out_name)
         else:
             x_dq = b.dq(p.x)
             w_name, stored = _weight_tensor(b, p.w_int, k, p.bits, self.storage)
@@ -354,7 +355,9 @@ class _Writer:
         if isinstance(v, _Quant):
             return _Float(self.b.dq(v))
         if isinstance(v, _Pending):
-            return self.emit_linear(v, None)  # type: ignore[return-value]
+            if v.done is None:
+                v.done = self.emit_linear(v, None)  # type: ignore[assignment]
+            return v.done
         raise TypeError(type(v))
 
     # -- the walk --------------------------------------------------------------------------------
@@ -377,7 +380,7 @@ class _Writer:
                 v = env[node.args[0]] if isinstance(node.args[0], fx.Node) else None
                 if v is None:
                     raise UsageError("the model must return one logits tensor")
-                if isinstance(v, _Pending):
+                if isinstance(v, _Pending) and v.done is None:
                     self.emit_linear(v, None, out_name=OUTPUT_NAME)
                 else:
                     f = self.as_float(v, "out")
@@ -390,7 +393,7 @@ class _Writer:
         scale, zp, bits, signed = _act_params(module, name)
         self.acts[name] = {"bits": bits, "signed": signed, "scale": float(np.float32(scale)), "zero_point": zp,
                            "relu": isinstance(module, qnn.QuantReLU)}
-        if isinstance(v, _Pending):
+        if isinstance(v, _Pending) and v.users == 1 and v.done is None:
             return self.emit_linear(v, (scale, zp, bits))
         if isinstance(v, _Quant) and isinstance(module, qnn.QuantIdentity) and v.zero_point == zp \
                 and np.float32(v.scale) == np.float32(scale):
@@ -418,10 +421,11 @@ class _Writer:
             w_int, w_scale, bits = _weight_ints(m, name)
             bias = (m.bias.detach().double().cpu().numpy() if m.bias is not None
                     else np.zeros(w_int.shape[0], np.float64))
-            return _Pending(name, m, v, w_int, w_scale, bias, bits)
+            return _Pending(name, m, v, w_int, w_scale, bias, bits, users=len(node.users))
         if isinstance(m, nn.BatchNorm2d):
-            if isinstance(v, _Pending) and len(node.args[0].users) == 1 and not v.bn_folded:
+            if isinstance(v, _Pending) and v.users == 1 and not v.bn_folded:
                 _fold_bn(v, m)
+                v.users = len(node.users)
                 return v
             # BatchNorm not after a conv (PreAct blocks): folding into the next conv is not exact at
             # zero-padded borders, so it stays a per-channel float affine between DQ and Q.

@@ -1,0 +1,393 @@
+"""Shared pieces of the benchmark scripts: interleaved timing, onnxruntime sessions, the int8 GEMM limit,
+profile-based MAC accounting, tables, and the BENCHMARKS.md / results.json writers.
+
+Every figure the scripts publish is a ratio of two things measured in the same run, interleaved:
+this machine is shared, so absolute times drift with other people's load, while a ratio of
+candidates timed round-robin (each round runs every candidate back to back) sees the same load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the scripts run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CIFAR_SLICE = SHARED_DATA / "cifar10-slice"
+MARKDOWN = ROOT / "BENCHMARKS.md"
+RESULTS = ROOT / "benchmarks" / "results.json"
+SCRATCH = ROOT / ".bench" / "perf"  # git-ignored; runs and exported files the scripts make
+
+INTRO = """# Benchmarks
+
+Every figure here is a **ratio of two candidates measured in the same run**, interleaved: this
+machine is shared (2 cores, other engineers' test suites running, load average around 6), so
+absolute times drift by tens of percent from minute to minute, while candidates timed
+round-robin (every round runs each candidate back to back; figures are medians over rounds)
+see the same load. Absolute times are printed for scale only. Spreads are given as the
+interquartile range (p25-p75) of single timed runs. Machine, library versions and thread
+counts are stated in each section. Regenerate with `make bench` (`python benchmarks/run_all.py`;
+`--quick` for a short smoke run); raw figures are in `benchmarks/results.json`.
+"""
+
+
+# ----------------------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, load and library versions, for every section's header."""
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        cpu = m[1].strip() if m else cpu
+        m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = set(m[1].split()) if m else set()
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "isa": isa,
+                            "load_avg_1_5_15": [round(v, 2) for v in load], "python": platform.python_version(),
+                            "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")}
+    for mod in ("onnxruntime", "torch", "brevitas", "onnx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def machine_line(info: Mapping[str, Any]) -> str:
+    isa = ", ".join(info.get("isa") or []) or "no AVX2"
+    load = info.get("load_avg_1_5_15") or []
+    return (f"{info['cpu']} ({isa}), {info['cpu_count']} cores, load average {load[0] if load else '?'} at start; "
+            f"onnxruntime {info.get('onnxruntime')}, torch {info.get('torch')}, brevitas {info.get('brevitas')}; "
+            f"{info['date_utc']} UTC")
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    p10, p25, p50, p75, p90 = np.percentile(a, [10, 25, 50, 75, 90])
+    return {"p10": float(p10), "p25": float(p25), "median": float(p50), "p75": float(p75), "p90": float(p90),
+            "n": int(a.size)}
+
+
+@dataclass
+class Timings:
+    """Seconds of every timed call of one candidate, grouped by round."""
+
+    rounds: list[list[float]] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[float]:
+        return [t for r in self.rounds for t in r]
+
+    @property
+    def round_medians(self) -> list[float]:
+        return [statistics.median(r) for r in self.rounds if r]
+
+    @property
+    def median(self) -> float:
+        """Median over rounds of each round's median (robust to a round hit by a burst of load)."""
+        return statistics.median(self.round_medians)
+
+    def summary(self) -> dict[str, Any]:
+        out = percentiles(self.all)
+        out["median_of_round_medians"] = self.median
+        out["rounds"] = len(self.rounds)
+        return out
+
+
+def interleave(candidates: Mapping[str, Callable[[], Any]], *, rounds: int, runs: int | Mapping[str, int],
+               warmup: int = 2) -> dict[str, Timings]:
+    """Time each candidate `runs` times per round, all candidates in every round (round-robin).
+
+    The candidate order rotates every round so that no candidate always runs right after the same
+    neighbour (caches, thermal, a neighbour's thread pool still spinning).
+    """
+    names = list(candidates)
+    per = {n: (runs[n] if isinstance(runs, Mapping) else runs) for n in names}
+    for n in names:
+        for _ in range(warmup):
+            candidates[n]()
+    out = {n: Timings() for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            fn, times = candidates[n], []
+            for _ in range(per[n]):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[n].rounds.append(times)
+    return out
+
+
+def round_ratio(ref: Timings, other: Timings) -> dict[str, float]:
+    """ref/other per round (same round = same load), summarized: >1 means `other` is faster."""
+    ratios = [a / b for a, b in zip(ref.round_medians, other.round_medians) if b > 0]
+    if not ratios:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+# ----------------------------------------------------------------------------------------- onnxruntime
+
+
+def ort_session(model: bytes, threads: int, *, spin: bool = True, profile_prefix: str | None = None,
+                optimized_path: str | Path | None = None) -> Any:
+    """A plain onnxruntime CPU session (what an app would open): ORT_ENABLE_ALL, sequential, `threads` intra-op.
+
+    `spin=False` sets session.intra_op.allow_spinning=0: idle pool threads sleep instead of busy-waiting,
+    which matters on an oversubscribed machine where a spinning thread steals a slice from a working one.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def gemm_model(m: int, k: int, n: int, *, integer: bool) -> bytes:
+    """[m, k] x [k, n] as one ONNX node: MatMulInteger (uint8 x int8 -> int32) or float MatMul.
+
+    B is an initializer (as a weight is), so onnxruntime pre-packs it like a conv's weights.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if integer:
+        b = numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "B")
+        node = helper.make_node("MatMulInteger", ["A", "B"], ["Y"])
+        a_type, y_type = TensorProto.UINT8, TensorProto.INT32
+    else:
+        b = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "B")
+        node = helper.make_node("MatMul", ["A", "B"], ["Y"])
+        a_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("A", a_type, [m, k])],
+                              [helper.make_tensor_value_info("Y", y_type, [m, n])], [b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def gemm_input(m: int, k: int, integer: bool) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, (m, k), dtype=np.uint8) if integer else rng.standard_normal((m, k), dtype=np.float32)
+
+
+# Kernels onnxruntime's CPU provider runs a conv / matmul with, after its fusions (same lists as
+# rcdeploy.export.verify, plus the layout-transformed float conv).
+INTEGER_KERNELS = frozenset({"QLinearConv", "NhwcQLinearConv", "ConvInteger", "QGemm", "QLinearMatMul",
+                             "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "NhwcConv", "Gemm", "FusedGemm", "MatMul",
+                           "FusedMatMul", "ConvTranspose"})
+_WEIGHT_INPUT = {"QLinearConv": 3, "NhwcQLinearConv": 3, "ConvInteger": 1, "QGemm": 3, "QLinearMatMul": 3,
+                 "MatMulInteger": 1, "MatMulIntegerToFloat": 1, "Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1,
+                 "NhwcConv": 1, "Gemm": 1, "FusedGemm": 1, "MatMul": 1, "FusedMatMul": 1}
+
+
+def _reduction_size(node: Any, inits: Mapping[str, Any], in_shape: Sequence[int] | None) -> int | None:
+    """MACs per output element of a conv / matmul node of ORT's optimized graph."""
+    op = node.op_type
+    idx = _WEIGHT_INPUT.get(op)
+    w = inits.get(node.input[idx]) if idx is not None and len(node.input) > idx else None
+    if op.endswith("Conv") or op in ("QLinearConv", "ConvInteger", "NhwcQLinearConv"):
+        if w is not None and len(w.dims) >= 3:
+            return int(np.prod(w.dims[1:]))  # (C_in / groups) * kh * kw
+        return None
+    if w is not None and len(w.dims) == 2:  # Gemm-like: B is [K, N] (or [N, K] with transB)
+        trans = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        return int(w.dims[1] if trans else w.dims[0])
+    return int(in_shape[-1]) if in_shape else None
+
+
+def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = True, runs: int = 3) -> dict[str, Any]:
+    """Run `model` under onnxruntime's profiler; where the time goes and how many MACs run on integers.
+
+    Reads the per-node events (kernel time, output shapes) and ORT's optimized graph (the kernels it
+    really runs, with their weights) from the same session. MACs of a node = output elements x the
+    reduction size read from its weight initializer; a float conv that ORT re-laid out to NCHWc counts
+    its padded channels, so float MACs can be slightly high (never integer ones).
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="rcdeploy-prof-") as tmp:
+        opt_path = Path(tmp) / "optimized.onnx"
+        sess = ort_session(model, threads, spin=spin, profile_prefix=str(Path(tmp) / "prof"), optimized_path=opt_path)
+        feed = {sess.get_inputs()[0].name: x}
+        sess.run(None, feed)  # warm-up: first-run allocations are not what an app sees
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, feed)
+        wall = (time.perf_counter() - t0) / runs
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        opt = onnx.load(str(opt_path))
+    nodes = {n.name: n for n in opt.graph.node}
+    inits = {t.name: t for t in opt.graph.initializer}
+    runs_seen = Counter(e["name"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    n_runs = max(1, runs_seen.get("model_run", runs + 1))
+    time_by_op: dict[str, float] = defaultdict(float)
+    int_macs = float_macs = 0
+    counted: set[str] = set()
+    batch = int(x.shape[0])
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        args = e.get("args", {})
+        op = args.get("op_name", "?")
+        time_by_op[op] += float(e.get("dur", 0)) / 1e6 / n_runs
+        name = e["name"][: -len("_kernel_time")]
+        if name in counted or (op not in INTEGER_KERNELS and op not in FLOAT_KERNELS) or name not in nodes:
+            continue
+        counted.add(name)
+        outs = args.get("output_type_shape") or []
+        ins = args.get("input_type_shape") or []
+        out_shape = next(iter(outs[0].values())) if outs else None
+        in_shape = next(iter(ins[0].values())) if ins else None
+        k = _reduction_size(nodes[name], inits, in_shape)
+        if not out_shape or k is None:
+            continue
+        macs = int(np.prod(out_shape)) // batch * k
+        if op in INTEGER_KERNELS:
+            int_macs += macs
+        else:
+            float_macs += macs
+    total_t = sum(time_by_op.values())
+    total_macs = int_macs + float_macs
+    return {
+        "ops": dict(sorted(Counter(n.op_type for n in opt.graph.node).items())),
+        "macs_per_image": int(total_macs),
+        "integer_macs_per_image": int(int_macs),
+        "integer_mac_share": (int_macs / total_macs) if total_macs else 0.0,
+        "kernel_time_s": total_t,
+        "wall_s": wall,
+        "time_share_by_op": {k: v / total_t for k, v in sorted(time_by_op.items(), key=lambda kv: -kv[1])}
+        if total_t else {},
+    }
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = 1000 * seconds
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def fmt_spread(summary: Mapping[str, float]) -> str:
+    """'median (p25-p75)' in ms."""
+    return f"{fmt_ms(summary['median'])} ({fmt_ms(summary['p25'])}-{fmt_ms(summary['p75'])})"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` is one char per column ('l' or 'r'), default: first left, rest right."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The same table for a terminal (fixed-width columns)."""
+    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    out = []
+    for j, row in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def write_section(key: str, text: str, path: Path = MARKDOWN) -> None:
+    """Replace (or append) the `key` section of BENCHMARKS.md; other sections stay as they are.
+
+    A missing file is created with the intro saying how every figure is measured.
+    """
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else INTRO
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    new = pattern.sub(lambda _m: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if np.isfinite(f) else None
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def update_results(key: str, data: Mapping[str, Any], path: Path = RESULTS) -> None:
+    """Set `key` in benchmarks/results.json (other keys kept), written atomically."""
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        old = {}
+    old[key] = _jsonable(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(old, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def goal_line(name: str, value: float | None, goal: float, *, higher: bool = True, unit: str = "x") -> str:
+    """'met' / 'missed by N%' against a goal (never an assert: slow figures are reported, not failed)."""
+    if value is None or not np.isfinite(value):
+        return f"{name}: not measured (goal {'>=' if higher else '<='} {goal:g}{unit})"
+    ok = value >= goal if higher else value <= goal
+    rel = (goal / value - 1) if higher else (value / goal - 1)
+    verdict = "met" if ok else f"missed: {100 * rel:.0f}% short" if higher else f"missed: {100 * rel:.0f}% over"
+    return f"{name}: {value:.3g}{unit} (goal {'>=' if higher else '<='} {goal:g}{unit}) - {verdict}"
