@@ -224,19 +224,26 @@ _WEIGHT_INPUT = {"QLinearConv": 3, "NhwcQLinearConv": 3, "ConvInteger": 1, "QGem
                  "NhwcConv": 1, "Gemm": 1, "FusedGemm": 1, "MatMul": 1, "FusedMatMul": 1}
 
 
-def _reduction_size(node: Any, inits: Mapping[str, Any], in_shape: Sequence[int] | None) -> int | None:
-    """MACs per output element of a conv / matmul node of ORT's optimized graph."""
+def _reduction_size(node: Any, inits: Mapping[str, Any], in_shapes: Sequence[Sequence[int] | None]) -> int | None:
+    """MACs per output element of a conv / matmul node of ORT's optimized graph.
+
+    The weight's shape comes from the profile's input shapes (a weight computed at run time, e.g. a
+    DequantizeLinear feeding a float Conv) or else from its initializer (pre-packed weights show as []).
+    """
     op = node.op_type
     idx = _WEIGHT_INPUT.get(op)
-    w = inits.get(node.input[idx]) if idx is not None and len(node.input) > idx else None
-    if op.endswith("Conv") or op in ("QLinearConv", "ConvInteger", "NhwcQLinearConv"):
-        if w is not None and len(w.dims) >= 3:
-            return int(np.prod(w.dims[1:]))  # (C_in / groups) * kh * kw
-        return None
-    if w is not None and len(w.dims) == 2:  # Gemm-like: B is [K, N] (or [N, K] with transB)
+    dims: Sequence[int] | None = None
+    if idx is not None and idx < len(in_shapes) and in_shapes[idx]:
+        dims = in_shapes[idx]
+    elif idx is not None and len(node.input) > idx and node.input[idx] in inits:
+        dims = list(inits[node.input[idx]].dims)
+    if "Conv" in op:
+        return int(np.prod(dims[1:])) if dims is not None and len(dims) >= 3 else None  # (C_in/groups)*kh*kw
+    if dims is not None and len(dims) == 2:  # Gemm-like: B is [K, N] (or [N, K] with transB)
         trans = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        return int(w.dims[1] if trans else w.dims[0])
-    return int(in_shape[-1]) if in_shape else None
+        return int(dims[1] if trans else dims[0])
+    first = in_shapes[0] if in_shapes else None
+    return int(first[-1]) if first else None
 
 
 def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = True, runs: int = 3) -> dict[str, Any]:
@@ -281,8 +288,8 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
         outs = args.get("output_type_shape") or []
         ins = args.get("input_type_shape") or []
         out_shape = next(iter(outs[0].values())) if outs else None
-        in_shape = next(iter(ins[0].values())) if ins else None
-        k = _reduction_size(nodes[name], inits, in_shape)
+        in_shapes = [next(iter(i.values())) if i else None for i in ins]
+        k = _reduction_size(nodes[name], inits, in_shapes)
         if not out_shape or k is None:
             continue
         macs = int(np.prod(out_shape)) // batch * k

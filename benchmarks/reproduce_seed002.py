@@ -7,7 +7,7 @@ recipe's `eot` noise draws) and writes a table in the paper's form, next to the 
 the `seed002` section of BENCHMARKS.md (other scripts own the other sections). The table is rewritten
 after every row, so an interrupted run keeps what it measured.
 
-The short recipes are tiny (500 training images, 3 epochs, PGD-1 training) so that the six runs fit in
+The short recipes are tiny (500 training images, 3 epochs of batch 32, PGD-1 training) so that the six runs fit in
 about 25 minutes on 2 CPU cores: absolute figures are far below the paper's 200-epoch, 50k-image runs;
 only orderings can be compared, and at this size even those are noisy.
 
@@ -107,7 +107,8 @@ def table(results: list[dict[str, Any]], total_s: float, test_samples: int) -> s
         f"`python benchmarks/reproduce_seed002.py` ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{total_s / 60:.1f} min on this machine's shared CPU cores). Short recipes "
         "(`recipes/seed002-*-short.yaml`): width 0.5 (8-16-32 channels per member), float weights and "
-        "activations, **500 training images, 3 epochs, PGD-1 training** (random start, step 10/255); the paper "
+        "activations, **500 training images, 3 epochs at batch 32 (48 SGD steps, cosine lr from 0.05), PGD-1 training** "
+        "(random start, step 10/255); the paper "
         "trains width 1 on 50,000 images for 200 epochs with PGD-10. Scored on the first "
         f"{test_samples} test images of the slice at eps 8/255, step 2/255; EnResNets with EOT (attack gradients "
         "and accuracy averaged over the recipe's noise draws). Channel sparsity is the paper's: the share of "

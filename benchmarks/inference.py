@@ -1,0 +1,475 @@
+"""Inference speed and size of one network in every form a user could ship it, measured in one run.
+
+    python benchmarks/inference.py [--quick] [--nets resnet20,mobilenetv2,small_cnn] [--rounds 7]
+
+For each network (ResNet-20 and MobileNetV2 at CIFAR shape 3x32x32, the small CNN at digits shape
+1x8x8), the same weights in these forms, all run in a plain onnxruntime InferenceSession (CPU
+provider, ORT_ENABLE_ALL, sequential, nothing rcdeploy-specific at load time):
+
+  fp32                 torch.onnx.export of the float network (BatchNorm folded by the exporter), dynamic batch
+  ort qs S8S8 (default) onnxruntime quantize_static as users run it: defaults (QDQ, int8 activations and weights)
+  ort qs U8S8 (best)   quantize_static at its best: quant_pre_process first, uint8 activations, int8 weights
+  brevitas QCDQ        Brevitas' own export_onnx_qcdq of the rcdeploy 8-bit model, as is (fixed batch 1:
+                       its b64 figure is 64 batch-1 calls, which is what a user of that file gets)
+  rcdeploy w8 / w4     rcdeploy.export.qdq.build_qdq at 8-bit and 4-bit weights (4-bit stored as packed INT4)
+  ... -50%ch           the same after removing 50% of every prunable channel group (zeroed, then
+                       physically removed by rcdeploy.export.shrink.shrink_model)
+
+Weights and BatchNorm statistics are random and activation scales are calibrated on random images:
+latency and size do not depend on training. Settings: b1 with 1 intra-op thread; b64 with all cores,
+with onnxruntime's default thread-pool spinning and with spinning off. Every setting also times the
+machine's int8 limit in the same rounds: one 1024x1024x1024 MatMulInteger (uint8 x int8 -> int32) at
+the setting's thread count; GMAC/s of a model = its MACs (from ORT's profile of the optimized graph)
+x batch / median latency. Integer-kernel share = MACs that run in integer kernels / all conv+matmul MACs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/ is not a package; the scripts run from a checkout)
+
+NETS: dict[str, dict[str, Any]] = {
+    "resnet20": {"label": "ResNet-20", "shape": (3, 32, 32), "mean": (0.4914, 0.4822, 0.4465),
+                 "std": (0.2470, 0.2435, 0.2616)},
+    "mobilenetv2": {"label": "MobileNetV2", "shape": (3, 32, 32), "mean": (0.4914, 0.4822, 0.4465),
+                    "std": (0.2470, 0.2435, 0.2616)},
+    "small_cnn": {"label": "small CNN (digits 1x8x8)", "shape": (1, 8, 8), "mean": (0.305483,), "std": (0.37611,)},
+}
+# (label, batch, threads (None: all cores), spinning)
+SETTINGS = (("b1/1t", 1, 1, True), ("b64/all", 64, None, True), ("b64/all nospin", 64, None, False))
+GEMM = (1024, 1024, 1024)
+PRUNE = 0.5
+
+
+@dataclass
+class Candidate:
+    name: str
+    data: bytes
+    fixed_batch1: bool = False  # Brevitas QCDQ: input shape [1, C, H, W]
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def make_model(net: str, bits: int, seed: int = 0, prune: float = 0.0) -> Any:
+    """rcdeploy's `net` with random weights and BN statistics; quantized ones calibrated on random images.
+
+    prune: zero that share of every prunable channel group (the removable way) before calibration,
+    so that shrink_model can remove them; the same channels for every bit width (seeded).
+    """
+    import torch
+
+    from rcdeploy.models import create_model
+    from rcdeploy.quant.calibrate import calibrate_activations
+    from rcdeploy.quant.spec import QuantSpec
+
+    spec = NETS[net]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    float_model = bits == 32
+    quant = QuantSpec(bits=bits, act_bits=32 if float_model else 8, first_last_bits=None if float_model else 8)
+    model = create_model(net, num_classes=10, in_chans=spec["shape"][0], mean=spec["mean"], std=spec["std"],
+                         quant=quant, input_size=spec["shape"][1])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+    if prune:
+        from rcdeploy.export.shrink import zero_channels
+        from rcdeploy.models.channels import trace_channels
+
+        graph = trace_channels(model)
+        pgen = torch.Generator().manual_seed(seed + 1)
+        masks = {g.index: torch.randperm(g.size, generator=pgen)[: int(g.size * prune)]
+                 for g in graph.prunable() if g.size > 1}
+        zero_channels(model, masks, graph)
+    if not float_model:
+        calibrate_activations(model, [torch.rand(64, *spec["shape"], generator=gen) for _ in range(2)])
+    return model.eval()
+
+
+def fp32_onnx(model: Any, shape: tuple[int, ...]) -> bytes:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "fp32.onnx"
+        torch.onnx.export(model, (torch.rand(1, *shape),), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+        return path.read_bytes()
+
+
+def ort_quantize_static(fp32: bytes, shape: tuple[int, ...], *, best: bool) -> bytes:
+    """onnxruntime's own post-training quantizer: defaults (S8S8 QDQ), or pre-processed U8S8 QDQ."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            gen = np.random.default_rng(0)
+            self.batches = iter([{"input": gen.random((16, *shape), dtype=np.float32)} for _ in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "q.onnx"))
+        src.write_bytes(fp32)
+        if best:
+            quant_pre_process(str(src), str(pre))
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        else:
+            quantize_static(str(src), str(out), Reader())
+        return out.read_bytes()
+
+
+def brevitas_qcdq(model: Any, shape: tuple[int, ...]) -> tuple[bytes | None, str]:
+    """Brevitas' export_onnx_qcdq as is; (None, why) when it fails."""
+    import torch
+    from brevitas.export import export_onnx_qcdq
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "qcdq.onnx"
+        chatter = io.StringIO()  # torch.onnx prints its export steps; keep the table readable
+        quiet = logging.getLogger("onnxscript")
+        level = quiet.level
+        try:
+            quiet.setLevel(logging.CRITICAL)
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                export_onnx_qcdq(model, torch.rand(1, *shape), export_path=str(path))
+        except Exception as e:  # any failure is a result to report, not a crash of the benchmark
+            return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+        finally:
+            quiet.setLevel(level)
+        return path.read_bytes(), ""
+
+
+def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any]]:
+    """Every form of `net`, as ONNX bytes, plus what was learned building them."""
+    import torch
+
+    from rcdeploy.export.qdq import build_qdq
+    from rcdeploy.export.shrink import shrink_model
+    from rcdeploy.export.verify import compare_logits, torch_logits
+
+    shape = NETS[net]["shape"]
+    info: dict[str, Any] = {"shape": list(shape), "notes": []}
+    t = time.perf_counter()
+    fp32 = fp32_onnx(make_model(net, 32), shape)
+    cands = [Candidate("fp32", fp32)]
+    cands.append(Candidate("ort qs S8S8 (default)", ort_quantize_static(fp32, shape, best=False)))
+    cands.append(Candidate("ort qs U8S8 (best)", ort_quantize_static(fp32, shape, best=True)))
+    q8 = make_model(net, 8)
+    qcdq, why = brevitas_qcdq(q8, shape)
+    if qcdq is None:
+        info["notes"].append(f"Brevitas export_onnx_qcdq failed: {why}")
+    else:
+        cands.append(Candidate("brevitas QCDQ", qcdq, fixed_batch1=True))
+    x_check = torch.rand(64, *shape, generator=torch.Generator().manual_seed(5))
+    checks = {}
+    for bits in (8, 4):
+        for prune in (0.0, PRUNE):
+            model = q8 if (bits, prune) == (8, 0.0) else make_model(net, bits, prune=prune)
+            name = f"rcdeploy w{bits}" + (" -50%ch" if prune else "")
+            if prune:
+                model, report = shrink_model(model, input_shape=shape)
+                tot = report.totals()
+                info.setdefault("pruning", {})[f"w{bits}"] = {
+                    "channels": [tot["channels_before"], tot["channels_after"]],
+                    "macs": [tot["macs_before"], tot["macs_after"]]}
+            ex = build_qdq(model.eval(), shape, storage="packed")
+            data = ex.to_bytes()
+            # Not a gate (random weights give near-tied logits): a figure that says the file computes the model.
+            from rcdeploy.deploy.session import open_session, run_logits
+
+            got = run_logits(open_session(ex.model, threads=1, widen=False), x_check.numpy())
+            checks[name] = {k: v for k, v in compare_logits(torch_logits(model, x_check), got).items()
+                            if k in ("top1_agreement", "max_abs_logit_diff", "logit_range")}
+            cands.append(Candidate(name, data))
+    info["rcdeploy_vs_pytorch_on_64_random_images"] = checks
+    info["build_s"] = time.perf_counter() - t
+    log(f"  built {len(cands)} forms of {net} in {info['build_s']:.0f} s")
+    return cands, info
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+def _runner(sess: Any, x: np.ndarray, fixed_batch1: bool) -> Any:
+    name = sess.get_inputs()[0].name
+    if fixed_batch1 and x.shape[0] > 1:
+        rows = [x[i:i + 1] for i in range(x.shape[0])]
+        return lambda: [sess.run(None, {name: r}) for r in rows]
+    feed = {name: x}
+    return lambda: sess.run(None, feed)
+
+
+def runs_for(fn: Any, budget_s: float, cap: int = 200) -> int:
+    """Runs per round so that one candidate takes about `budget_s` per round (at least 1)."""
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return int(max(1, min(cap, round(budget_s / max(dt, 1e-6)))))
+
+
+def measure_net(net: str, cands: list[Candidate], *, rounds: int, budget_s: float, cpus: int,
+                log: Any) -> dict[str, Any]:
+    shape = NETS[net]["shape"]
+    rng = np.random.default_rng(0)
+    gemm_int = common.gemm_model(*GEMM, integer=True)
+    gemm_a = common.gemm_input(GEMM[0], GEMM[1], integer=True)
+    gemm_macs = GEMM[0] * GEMM[1] * GEMM[2]
+    out: dict[str, Any] = {}
+    for label, batch, threads, spin in SETTINGS:
+        nthreads = threads or cpus
+        x = rng.random((batch, *shape), dtype=np.float32)
+        fns = {}
+        for c in cands:
+            fns[c.name] = _runner(common.ort_session(c.data, nthreads, spin=spin), x, c.fixed_batch1)
+        gsess = common.ort_session(gemm_int, nthreads, spin=spin)
+        fns["int8 GEMM limit"] = (lambda s=gsess: s.run(None, {"A": gemm_a}))
+        runs = {n: runs_for(f, budget_s) for n, f in fns.items()}
+        t = time.perf_counter()
+        times = common.interleave(fns, rounds=rounds, runs=runs, warmup=1)
+        lim = times["int8 GEMM limit"]
+        row: dict[str, Any] = {"batch": batch, "threads": nthreads, "spinning": spin, "runs_per_round": runs,
+                               "int8_limit_gmacs": gemm_macs / lim.median / 1e9,
+                               "int8_limit_latency": lim.summary(), "models": {}}
+        for c in cands:
+            tm = times[c.name]
+            row["models"][c.name] = {"latency": tm.summary(),
+                                     "speedup_vs_fp32": common.round_ratio(times["fp32"], tm),
+                                     "vs_int8_limit_time_ratio": common.round_ratio(lim, tm)}
+        out[label] = row
+        log(f"  {net} {label}: {rounds} rounds in {time.perf_counter() - t:.0f} s; int8 limit "
+            f"{row['int8_limit_gmacs']:.0f} GMAC/s")
+    return out
+
+
+def profile_net(net: str, cands: list[Candidate], cpus: int) -> dict[str, Any]:
+    """ORT profile of every form at b64/all threads (Brevitas QCDQ: b1) and of the rcdeploy ones at b1/1t."""
+    shape = NETS[net]["shape"]
+    rng = np.random.default_rng(2)
+    out: dict[str, Any] = {}
+    for c in cands:
+        x = rng.random((1 if c.fixed_batch1 else 64, *shape), dtype=np.float32)
+        out[c.name] = {"b64": common.profile_model(c.data, x, threads=cpus, spin=False, runs=2)}
+        if c.name.startswith("rcdeploy") or c.name == "fp32":
+            out[c.name]["b1"] = common.profile_model(c.data, x[:1], threads=1, runs=20)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.2f}x"
+
+
+def net_table(net: str, res: dict[str, Any], sizes: dict[str, int], prof: dict[str, Any]) -> tuple[list, list]:
+    settings = [s[0] for s in SETTINGS]
+    headers = ["model", "bytes", "size/fp32"]
+    for s in settings:
+        headers += [f"{s} ms (p25-p75)", "x fp32"]
+    headers += ["int MAC share", "MMAC/img", "GMAC/s b64", "% int8 limit"]
+    rows = []
+    for name in res[settings[0]]["models"]:
+        r = [name, f"{sizes[name]:,}", f"{sizes[name] / sizes['fp32']:.3f}"]
+        for s in settings:
+            m = res[s]["models"][name]
+            r += [common.fmt_spread(m["latency"]), _x(m["speedup_vs_fp32"]["median"])]
+        p = prof[name]["b64"]
+        macs = p["macs_per_image"]
+        share = p["integer_mac_share"]
+        gm = gmacs(res, name, macs)
+        frac = gm[1]
+        r += [f"{100 * share:.0f}%", f"{macs / 1e6:.1f}", f"{gm[0]:.1f}", f"{100 * frac:.0f}%"]
+        rows.append(r)
+    return headers, rows
+
+
+def gmacs(res: dict[str, Any], name: str, macs: int) -> tuple[float, float, str]:
+    """Best b64 GMAC/s of a model over the b64 settings, its fraction of that setting's int8 limit, the setting.
+
+    The fraction is the per-round ratio (limit time / model time, scaled by work), so load cancels.
+    """
+    best = (0.0, 0.0, "")
+    for s, row in res.items():
+        if row["batch"] == 1:
+            continue
+        m = row["models"][name]
+        g = macs * row["batch"] / m["latency"]["median_of_round_medians"] / 1e9
+        frac = m["vs_int8_limit_time_ratio"]["median"] * (macs * row["batch"]) / (GEMM[0] * GEMM[1] * GEMM[2])
+        if g > best[0]:
+            best = (g, frac, s)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nets", default=",".join(NETS), help=f"comma list of: {', '.join(NETS)}")
+    ap.add_argument("--rounds", type=int, default=7, help="round-robin rounds per setting")
+    ap.add_argument("--budget", type=float, default=0.4, help="seconds per candidate per round (sets runs)")
+    ap.add_argument("--quick", action="store_true", help="ResNet-20 only, 2 short rounds (a smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results.json alone")
+    args = ap.parse_args(argv)
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    unknown = [n for n in nets if n not in NETS]
+    if unknown:
+        ap.error(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join(NETS)}")
+    if args.quick:
+        nets, args.rounds, args.budget = ["resnet20"], 2, 0.1
+    return run(nets, rounds=args.rounds, budget_s=args.budget, write=not args.no_write, quick=args.quick)
+
+
+def run(nets: list[str], *, rounds: int, budget_s: float, write: bool = True, quick: bool = False) -> int:
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)  # model building only; timing is onnxruntime's
+    cpus = os.cpu_count() or 1
+    info = common.machine_info()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results: dict[str, Any] = {"machine": info, "rounds": rounds, "budget_s_per_candidate_round": budget_s,
+                               "quick": quick, "gemm": list(GEMM), "nets": {}}
+    sections = []
+    for net in nets:
+        log(f"[inference] {net}")
+        cands, binfo = build_candidates(net, log)
+        sizes = {c.name: len(c.data) for c in cands}
+        res = measure_net(net, cands, rounds=rounds, budget_s=budget_s, cpus=cpus, log=log)
+        t = time.perf_counter()
+        prof = profile_net(net, cands, cpus)
+        log(f"  profiled in {time.perf_counter() - t:.0f} s")
+        results["nets"][net] = {"build": binfo, "sizes_bytes": sizes, "settings": res, "profile": prof}
+        headers, rows = net_table(net, res, sizes, prof)
+        print(f"\n{NETS[net]['label']} {'x'.join(map(str, NETS[net]['shape']))}: median latency over {rounds} "
+              f"rounds (p25-p75 of single runs), ratio = per-round fp32/model median")
+        print(common.text_table(headers, rows))
+        print("int8 limit (1024^3 MatMulInteger): " + ", ".join(
+            f"{s}: {res[s]['int8_limit_gmacs']:.0f} GMAC/s" for s in res))
+        for note in binfo["notes"]:
+            print("note:", note)
+        sections.append((net, headers, rows, res, sizes, prof, binfo))
+    results["goals"] = goals(results)
+    for line in results["goals"]["lines"]:
+        print(line)
+    if write:
+        common.update_results("inference", results)
+        common.write_section("inference", markdown(results, sections, cpus))
+        log(f"[inference] wrote {common.MARKDOWN.name} (inference section) and {common.RESULTS.relative_to(common.ROOT)}")
+    return 0
+
+
+def goals(results: dict[str, Any]) -> dict[str, Any]:
+    """The compass goals, reported (never asserted) for each network measured."""
+    lines, figures = [], {}
+    for net, r in results["nets"].items():
+        st = r["settings"]
+        b64 = [s for s in st if st[s]["batch"] == 64]
+
+        def speed(model: str, setting: str, st: dict = st) -> float | None:
+            m = st[setting]["models"].get(model)
+            return m["speedup_vs_fp32"]["median"] if m else None
+
+        def best64(model: str, b64: list = b64) -> float | None:
+            vals = [speed(model, s) for s in b64 if speed(model, s) is not None]
+            return max(vals) if vals else None
+
+        sizes = r["sizes_bytes"]
+        lab = NETS[net]["label"]
+        f = {"w8_b1": speed("rcdeploy w8", "b1/1t"), "w8_b64": best64("rcdeploy w8"),
+             "w8p_b1": speed("rcdeploy w8 -50%ch", "b1/1t"), "w8p_b64": best64("rcdeploy w8 -50%ch"),
+             "w4_over_w8_size": sizes["rcdeploy w4"] / sizes["rcdeploy w8"]}
+        macs = r["profile"]["rcdeploy w8"]["b64"]["macs_per_image"]
+        f["w8_b64_int8_limit_fraction"] = gmacs(st, "rcdeploy w8", macs)[1]
+        figures[net] = f
+        lines += [
+            common.goal_line(f"{lab} w8 b1 speed-up vs fp32", f["w8_b1"], 2.2),
+            common.goal_line(f"{lab} w8 b64 speed-up vs fp32 (best b64 setting)", f["w8_b64"], 2.2),
+            common.goal_line(f"{lab} w8 -50%ch b1 speed-up", f["w8p_b1"], 3.5),
+            common.goal_line(f"{lab} w8 -50%ch b64 speed-up", f["w8p_b64"], 3.5),
+            common.goal_line(f"{lab} w8 b64 share of int8 limit", f["w8_b64_int8_limit_fraction"], 0.70, unit=""),
+            common.goal_line(f"{lab} w4 file / w8 file", f["w4_over_w8_size"], 0.55, higher=False, unit=""),
+        ]
+    return {"figures": figures, "lines": lines}
+
+
+def _top_ops(p: dict[str, Any], n: int = 4) -> str:
+    return ", ".join(f"{op} {100 * share:.0f}%" for op, share in list(p["time_share_by_op"].items())[:n])
+
+
+def markdown(results: dict[str, Any], sections: list, cpus: int) -> str:
+    info = results["machine"]
+    out = ["## Inference: the same network in every form, same run", "",
+           f"Machine: {common.machine_line(info)}. `python benchmarks/inference.py` "
+           f"({results['rounds']} round-robin rounds per setting, ~{results['budget_s_per_candidate_round']} s per "
+           f"candidate per round{'; QUICK smoke run, not for quoting' if results['quick'] else ''}).", "",
+           "Every form runs in a plain `onnxruntime.InferenceSession` (CPU provider, ORT_ENABLE_ALL, sequential "
+           f"execution). b1/1t: batch 1, 1 intra-op thread. b64/all: batch 64, {cpus} intra-op threads (all cores), "
+           "onnxruntime's default spinning thread pool; *nospin*: the same with "
+           "`session.intra_op.allow_spinning=0`. Latency: median over rounds of each round's median, in ms, with "
+           "the p25-p75 of single runs; `x fp32`: median over rounds of the per-round ratio fp32/model (>1 = faster "
+           "than fp32). Weights are random (latency and size do not depend on training). Peers: `fp32` = "
+           "torch.onnx.export; `ort qs` = onnxruntime `quantize_static` with its defaults (S8S8 QDQ) and at its "
+           "best (quant_pre_process + U8S8 QDQ), both per-tensor, calibrated on random images; `brevitas QCDQ` = "
+           "`brevitas.export.export_onnx_qcdq` of the same 8-bit model as is (its input is fixed at batch 1, so "
+           "its b64 column is 64 batch-1 calls). `-50%ch`: half of every prunable channel group zeroed and "
+           "physically removed (rcdeploy.export.shrink). Integer MAC share, MACs/image and time shares come from "
+           "onnxruntime's profiler on its optimized graph (b64, all threads, spinning off). GMAC/s b64: the best "
+           "b64 setting; % int8 limit: against a 1024x1024x1024 `MatMulInteger` (uint8 x int8 -> int32) timed in "
+           "the same rounds at the same thread count.", ""]
+    for net, headers, rows, res, _sizes, prof, binfo in sections:
+        out += [f"### {NETS[net]['label']} ({'x'.join(map(str, NETS[net]['shape']))})", ""]
+        out.append(common.markdown_table(headers, rows))
+        out.append("int8 limit measured in the same rounds: " + "; ".join(
+            f"{s}: {res[s]['int8_limit_gmacs']:.0f} GMAC/s" for s in res) + ".")
+        if "pruning" in binfo:
+            pr = binfo["pruning"]["w8"]
+            out.append(f"Channel removal: {pr['channels'][0]} -> {pr['channels'][1]} prunable channels, "
+                       f"{pr['macs'][0] / 1e6:.1f} -> {pr['macs'][1] / 1e6:.1f} MMAC/image.")
+        for note in binfo["notes"]:
+            out.append(f"Note: {note}.")
+        where = []
+        for name in ("fp32", "rcdeploy w8", "rcdeploy w8 -50%ch"):
+            if name in prof:
+                p = prof[name]
+                where.append(f"{name}: b64 {_top_ops(p['b64'])}" +
+                             (f"; b1/1t {_top_ops(p['b1'])}" if "b1" in p else ""))
+        out.append("Where the time goes (onnxruntime profiler, share of kernel time): " + " | ".join(where) + ".")
+        out.append("")
+    out += ["### Goals (reported, not asserted)", ""]
+    out += [f"- {line}" for line in results["goals"]["lines"]]
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Training throughput: a plain PyTorch + Brevitas PGD-AT loop vs rcdeploy's fit, same model, same run.
+
+    python benchmarks/train_speed.py [--quick] [--chunks 2] [--batches 6] [--batch-size 128] [--pgd-steps 5]
+
+Both train rcdeploy's ResNet-20 with 4-bit weights (8-bit activations, first/last layer 8-bit: the
+same Brevitas layers) on the CIFAR-10 slice (../shared/data/cifar10-slice) with PGD adversarial
+training at eps 8/255, step 2/255, SGD (lr 0.1, Nesterov momentum 0.9, weight decay 5e-4), the same
+batch size, PGD steps and number of batches, torch threads = all cores. They alternate in chunks
+(plain, rcdeploy, plain, rcdeploy, ...) so both see the same load; the first batch of every chunk is
+a warm-up and not timed. img/s = images of the timed batches / their wall time.
+
+The plain loop is written the obvious way: a torch Dataset over the image tensors whose
+__getitem__ does the random crop (4-pixel zero padding) and flip per sample, a DataLoader
+(batch_size, shuffle, num_workers=0, the default), model.train() throughout, and PGD inline
+(delta.requires_grad_, loss.backward(), delta.grad.sign()).
+rcdeploy's loop (rcdeploy.train.loop.fit with the cifar10-resnet20-w4 recipe) is timed between
+its per-batch reporter callbacks, so its setup, calibration, validation and checkpoint writes are
+not counted, just as the plain loop's are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+EPS, STEP = 8 / 255, 2 / 255
+BITS = 4
+
+
+def build_model(meta: Any, seed: int, calib: list) -> Any:
+    """rcdeploy's ResNet-20 at BITS bits, activations calibrated on training batches (as fit does)."""
+    import torch
+
+    from rcdeploy.models import create_model
+    from rcdeploy.quant.calibrate import calibrate_activations
+    from rcdeploy.quant.spec import QuantSpec
+
+    torch.manual_seed(seed)
+    model = create_model("resnet20", num_classes=meta.num_classes, in_chans=meta.shape[0], mean=meta.mean,
+                         std=meta.std, quant=QuantSpec(bits=BITS, act_bits=8, first_last_bits=8),
+                         input_size=meta.shape[1])
+    calibrate_activations(model, calib)
+    return model.train()
+
+
+def plain_loop(data: Any, *, batches: int, batch_size: int, steps: int, seed: int) -> list[float]:
+    """The obvious PyTorch + Brevitas PGD-AT loop; seconds of each batch (data loading included)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+
+    class Augmented(Dataset):
+        """Per-sample random crop (4-px zero padding) and horizontal flip, as torchvision transforms do."""
+
+        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            self.x, self.y = x, y
+
+        def __len__(self) -> int:
+            return len(self.y)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            img = F.pad(self.x[i], (4, 4, 4, 4))
+            dy, dx = random.randint(0, 8), random.randint(0, 8)
+            img = img[:, dy:dy + 32, dx:dx + 32]
+            if random.random() < 0.5:
+                img = img.flip(2)
+            return img, self.y[i]
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    x, y = data.train.x.cpu(), data.train.y.cpu()
+    loader = DataLoader(Augmented(x, y), batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
+    model = build_model(data.meta, seed, [x[i:i + batch_size] for i in range(0, 16 * batch_size, batch_size)][:16])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model.train()
+    times: list[float] = []
+    it = iter(loader)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        try:
+            xb, yb = next(it)
+        except StopIteration:
+            it = iter(loader)
+            xb, yb = next(it)
+        delta = torch.empty_like(xb).uniform_(-EPS, EPS)
+        delta = (xb + delta).clamp(0, 1) - xb
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(model(xb + delta), yb)
+            loss.backward()
+            delta = (delta + STEP * delta.grad.sign()).clamp(-EPS, EPS)
+            delta = ((xb + delta).clamp(0, 1) - xb).detach()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb + delta), yb)
+        loss.backward()
+        opt.step()
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        t0 = t1
+    return times
+
+
+def rcdeploy_loop(*, batches: int, batch_size: int, steps: int, seed: int, threads: int, out: Path) -> list[float]:
+    """rcdeploy.train.loop.fit for exactly `batches` batches; seconds of each batch from its reporter."""
+    from rcdeploy.config import make_config
+    from rcdeploy.train.loop import Reporter, fit
+
+    class Clock(Reporter):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.t0 = 0.0
+
+        def start_epoch(self, epoch: int, epochs: int, n: int, skip: int = 0) -> None:
+            self.t0 = time.perf_counter()
+
+        def batch(self, loss: float, images: int) -> None:
+            t1 = time.perf_counter()
+            self.times.append(t1 - self.t0)
+            self.t0 = t1
+
+    clock = Clock()
+    cfg = make_config("cifar10-resnet20-w4", {
+        "data_dir": str(common.CIFAR_SLICE), "epochs": 1, "batch_size": batch_size,
+        "train_samples": batches * batch_size, "steps": steps, "eps": EPS, "step_size": STEP,
+        "val_samples": 8, "val_attack": "fgsm", "seed": seed, "device": "cpu", "threads": threads,
+        "out": str(out), "name": f"train-speed-{seed}", "schedule": "constant"})
+    try:
+        fit(cfg, reporter=clock)
+    finally:
+        shutil.rmtree(out / f"train-speed-{seed}", ignore_errors=True)
+    return clock.times
+
+
+def context_passes(data: Any, batch_size: int, reps: int) -> dict[str, float]:
+    """img/s of one clean forward+backward, float vs 4-bit Brevitas ResNet-20, interleaved (what limits it)."""
+    import torch
+    import torch.nn.functional as F
+
+    from rcdeploy.models import create_model
+    from rcdeploy.quant.spec import QuantSpec
+
+    meta = data.meta
+    x, y = data.train.x[:batch_size].cpu(), data.train.y[:batch_size].cpu()
+    fl = create_model("resnet20", num_classes=10, in_chans=3, mean=meta.mean, std=meta.std,
+                      quant=QuantSpec(bits=32, act_bits=32, first_last_bits=None), input_size=32).train()
+    q4 = build_model(meta, 0, [x])
+
+    def step(model: Any, input_only: bool) -> Any:
+        def run() -> None:
+            xr = x.clone().requires_grad_(True)
+            if input_only:  # what an attack step needs: no weight gradients (eval mode, frozen weights)
+                model.eval()
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                torch.autograd.grad(F.cross_entropy(model(xr), y), xr)
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                model.train()
+            else:
+                F.cross_entropy(model(xr), y).backward()
+                model.zero_grad(set_to_none=True)
+        return run
+
+    cands = {"float fwd+bwd": step(fl, False), "w4 fwd+bwd": step(q4, False),
+             "w4 input-grad (eval, frozen)": step(q4, True)}
+    times = common.interleave(cands, rounds=reps, runs=1, warmup=1)
+    return {k: batch_size / t.median for k, t in times.items()}
+
+
+def torch_profile(data: Any, batch_size: int) -> list[tuple[str, float]]:
+    """Top ops by self CPU time of one 4-bit forward+backward (torch.profiler)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y = data.train.x[:batch_size].cpu(), data.train.y[:batch_size].cpu()
+    model = build_model(data.meta, 0, [x])
+    F.cross_entropy(model(x), y).backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model(x), y).backward()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+    return [(e.key, e.self_cpu_time_total / total) for e in top]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chunks", type=int, default=2, help="alternations of the two loops")
+    ap.add_argument("--batches", type=int, default=6, help="batches per chunk (the first is an untimed warm-up)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--pgd-steps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1 chunk of 3 batches of 32 (a smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results.json alone")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.chunks, args.batches, args.batch_size = 1, 3, 32
+    if args.batches < 2 or args.chunks < 1:
+        ap.error("--batches must be >= 2 (the first of each chunk is a warm-up) and --chunks >= 1")
+    return run(chunks=args.chunks, batches=args.batches, batch_size=args.batch_size, steps=args.pgd_steps,
+               write=not args.no_write, quick=args.quick)
+
+
+def run(*, chunks: int, batches: int, batch_size: int, steps: int, write: bool = True, quick: bool = False) -> int:
+    import os
+    import warnings
+
+    import torch
+
+    info = common.machine_info()
+    threads = os.cpu_count() or 1
+    results: dict[str, Any] = {"machine": info, "quick": quick, "model": "resnet20", "bits": BITS,
+                               "batch_size": batch_size, "pgd_steps": steps, "eps": EPS, "step": STEP,
+                               "chunks": chunks, "batches_per_chunk": batches, "torch_threads": threads}
+    if not common.CIFAR_SLICE.is_dir():
+        msg = f"skipped: the CIFAR-10 slice is not at {common.CIFAR_SLICE}"
+        print(f"[train] {msg}", file=sys.stderr)
+        results["skipped"] = msg
+        if write:
+            common.update_results("train", results)
+            common.write_section("train", "## Training throughput\n\n" + msg.capitalize() + ".\n")
+        return 0
+
+    from rcdeploy.data import load_dataset
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(threads)
+    data = load_dataset("cifar10", common.CIFAR_SLICE)
+    out = common.SCRATCH / "train"
+    out.mkdir(parents=True, exist_ok=True)
+    plain: list[list[float]] = []
+    ours: list[list[float]] = []
+    for c in range(chunks):
+        t = time.perf_counter()
+        plain.append(plain_loop(data, batches=batches, batch_size=batch_size, steps=steps, seed=c))
+        ours.append(rcdeploy_loop(batches=batches, batch_size=batch_size, steps=steps, seed=c, threads=threads,
+                                  out=out))
+        torch.set_num_threads(threads)  # fit restores the count it found; keep it explicit for the next chunk
+        print(f"[train] chunk {c + 1}/{chunks}: plain {batch_size * (batches - 1) / sum(plain[-1][1:]):.1f} img/s, "
+              f"rcdeploy {batch_size * (batches - 1) / sum(ours[-1][1:]):.1f} img/s "
+              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+
+    def ips(chunks_: list[list[float]]) -> float:
+        timed = [t for ch in chunks_ for t in ch[1:]]
+        return batch_size * len(timed) / sum(timed)
+
+    per_chunk = [(batch_size * (len(o) - 1) / sum(o[1:])) / (batch_size * (len(p) - 1) / sum(p[1:]))
+                 for p, o in zip(plain, ours)]
+    results.update({
+        "plain_img_per_s": ips(plain), "rcdeploy_img_per_s": ips(ours),
+        "ratio": ips(ours) / ips(plain), "ratio_per_chunk": per_chunk,
+        "plain_batch_s": plain, "rcdeploy_batch_s": ours,
+    })
+    t = time.perf_counter()
+    results["context_img_per_s"] = context_passes(data, batch_size, reps=2 if quick else 3)
+    results["torch_profile_w4_fwd_bwd"] = torch_profile(data, min(batch_size, 64))
+    print(f"[train] context passes and profile in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+    headers = ["loop", "img/s", "x plain"]
+    rows = [["plain PyTorch + Brevitas (DataLoader, per-sample transforms, PGD inline)",
+             f"{results['plain_img_per_s']:.1f}", "1.00x"],
+            ["rcdeploy fit", f"{results['rcdeploy_img_per_s']:.1f}", f"{results['ratio']:.2f}x"]]
+    print(f"\nResNet-20 w{BITS}, PGD-{steps} AT, batch {batch_size}, {chunks}x{batches - 1} timed batches each, "
+          f"{threads} torch threads")
+    print(common.text_table(headers, rows))
+    goal = common.goal_line("training speed vs the plain loop", results["ratio"], 1.5)
+    print(goal)
+    results["goal"] = goal
+    if write:
+        common.update_results("train", results)
+        common.write_section("train", markdown(results, headers, rows))
+        print(f"[train] wrote {common.MARKDOWN.name} (train section)", file=sys.stderr)
+    return 0
+
+
+def markdown(r: dict[str, Any], headers: list, rows: list) -> str:
+    ctx = r["context_img_per_s"]
+    per = ", ".join(f"{v:.2f}x" for v in r["ratio_per_chunk"])
+    prof = ", ".join(f"`{k}` {100 * v:.0f}%" for k, v in r["torch_profile_w4_fwd_bwd"][:5])
+    fl, q4, q4in = ctx["float fwd+bwd"], ctx["w4 fwd+bwd"], ctx["w4 input-grad (eval, frozen)"]
+    return "\n".join([
+        "## Training throughput: plain PyTorch + Brevitas loop vs rcdeploy, same run", "",
+        f"Machine: {common.machine_line(r['machine'])}. `python benchmarks/train_speed.py`"
+        f"{' --quick (smoke run, not for quoting)' if r['quick'] else ''}.", "",
+        f"ResNet-20, {r['bits']}-bit weights / 8-bit activations (the same Brevitas model in both), CIFAR-10 slice, "
+        f"PGD-{r['pgd_steps']} adversarial training (eps 8/255, step 2/255, random start), batch {r['batch_size']}, "
+        f"SGD; {r['torch_threads']} torch threads. The two loops alternate in {r['chunks']} chunks of "
+        f"{r['batches_per_chunk']} batches (first batch of each chunk untimed). The plain loop: a Dataset whose "
+        "`__getitem__` crops and flips each image, `DataLoader(shuffle=True, num_workers=0)`, `model.train()`, PGD "
+        "written inline with `loss.backward()` and `delta.grad`. rcdeploy: `rcdeploy.train.loop.fit` "
+        "(recipe cifar10-resnet20-w4), timed between its per-batch callbacks.", "",
+        common.markdown_table(headers, rows),
+        f"Per-chunk ratios: {per}. {r['goal']}.", "",
+        "What limits it (same run, batch of the table, img/s of one pass): float ResNet-20 forward+backward "
+        f"{fl:.0f} img/s; the same with 4-bit Brevitas layers {q4:.0f} img/s ({fl / q4:.1f}x slower: fake "
+        f"quantization of weights and activations in every layer); an input-only gradient in eval mode with frozen "
+        f"weights, which is how rcdeploy's attacks run, {q4in:.0f} img/s ({q4in / q4:.2f}x a full pass). rcdeploy's "
+        "gain over the plain loop comes from that (no weight gradients, no BatchNorm statistics updates during "
+        "the attack steps) and from batched on-tensor augmentation; each attack step still costs a full quantized "
+        "forward and an input backward, so the ratio is bounded near (steps + 1) x full / "
+        "(steps x input-only + full). torch.profiler, 4-bit forward+backward, self CPU time: " + prof + ".",
+        "For reference (issue 7, float ResNet-20, 2 threads, batch 128, an earlier run): ~465 img/s clean, "
+        "~270 FGSM-RS, ~77 PGD-7.", "",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
