@@ -227,16 +227,17 @@ _WEIGHT_INPUT = {"QLinearConv": 3, "NhwcQLinearConv": 3, "ConvInteger": 1, "QGem
 def _reduction_size(node: Any, inits: Mapping[str, Any], in_shapes: Sequence[Sequence[int] | None]) -> int | None:
     """MACs per output element of a conv / matmul node of ORT's optimized graph.
 
-    The weight's shape comes from the profile's input shapes (a weight computed at run time, e.g. a
-    DequantizeLinear feeding a float Conv) or else from its initializer (pre-packed weights show as []).
+    The weight's shape comes from its initializer or, for a weight computed at run time (e.g. a
+    DequantizeLinear feeding a float Conv), from the profile's input shapes. (The profile leaves
+    pre-packed initializers out of its input list, so its indices only hold for computed weights.)
     """
     op = node.op_type
     idx = _WEIGHT_INPUT.get(op)
     dims: Sequence[int] | None = None
-    if idx is not None and idx < len(in_shapes) and in_shapes[idx]:
-        dims = in_shapes[idx]
-    elif idx is not None and len(node.input) > idx and node.input[idx] in inits:
+    if idx is not None and len(node.input) > idx and node.input[idx] in inits:
         dims = list(inits[node.input[idx]].dims)
+    elif idx is not None and idx < len(in_shapes) and in_shapes[idx]:
+        dims = in_shapes[idx]
     if "Conv" in op:
         return int(np.prod(dims[1:])) if dims is not None and len(dims) >= 3 else None  # (C_in/groups)*kh*kw
     if dims is not None and len(dims) == 2:  # Gemm-like: B is [K, N] (or [N, K] with transB)
@@ -395,6 +396,10 @@ def goal_line(name: str, value: float | None, goal: float, *, higher: bool = Tru
     if value is None or not np.isfinite(value):
         return f"{name}: not measured (goal {'>=' if higher else '<='} {goal:g}{unit})"
     ok = value >= goal if higher else value <= goal
-    rel = (goal / value - 1) if higher else (value / goal - 1)
-    verdict = "met" if ok else f"missed: {100 * rel:.0f}% short" if higher else f"missed: {100 * rel:.0f}% over"
-    return f"{name}: {value:.3g}{unit} (goal {'>=' if higher else '<='} {goal:g}{unit}) - {verdict}"
+    if ok:
+        verdict = "met"
+    elif higher:
+        verdict = f"MISSED: at {100 * value / goal:.0f}% of the goal"
+    else:
+        verdict = f"MISSED: {100 * (value / goal - 1):.0f}% over the goal"
+    return f"{name}: {value:.3g}{unit} (goal {'>=' if higher else '<='} {goal:g}{unit}): {verdict}"

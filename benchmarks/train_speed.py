@@ -5,7 +5,9 @@
 Both train rcdeploy's ResNet-20 with 4-bit weights (8-bit activations, first/last layer 8-bit: the
 same Brevitas layers) on the CIFAR-10 slice (../shared/data/cifar10-slice) with PGD adversarial
 training at eps 8/255, step 2/255, SGD (lr 0.1, Nesterov momentum 0.9, weight decay 5e-4), the same
-batch size, PGD steps and number of batches, torch threads = all cores. They alternate in chunks
+batch size, PGD steps, number of batches and torch threads (default 1: on this shared 2-core machine
+two OpenMP threads wait on each other whenever another process holds a core, and a batch took 4-15x
+longer than with one; the context table measures that in the run). They alternate in chunks
 (plain, rcdeploy, plain, rcdeploy, ...) so both see the same load; the first batch of every chunk is
 a warm-up and not timed. img/s = images of the timed batches / their wall time.
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -140,8 +141,9 @@ def rcdeploy_loop(*, batches: int, batch_size: int, steps: int, seed: int, threa
     return clock.times
 
 
-def context_passes(data: Any, batch_size: int, reps: int) -> dict[str, float]:
-    """img/s of one clean forward+backward, float vs 4-bit Brevitas ResNet-20, interleaved (what limits it)."""
+def context_passes(data: Any, batch_size: int, reps: int, threads: int, cpus: int) -> dict[str, float]:
+    """img/s of one clean forward+backward, float vs 4-bit Brevitas ResNet-20, interleaved (what limits it);
+    the 4-bit pass also at all cores' threads when the loops ran on fewer."""
     import torch
     import torch.nn.functional as F
 
@@ -154,8 +156,9 @@ def context_passes(data: Any, batch_size: int, reps: int) -> dict[str, float]:
                       quant=QuantSpec(bits=32, act_bits=32, first_last_bits=None), input_size=32).train()
     q4 = build_model(meta, 0, [x])
 
-    def step(model: Any, input_only: bool) -> Any:
+    def step(model: Any, input_only: bool, n_threads: int = threads) -> Any:
         def run() -> None:
+            torch.set_num_threads(n_threads)
             xr = x.clone().requires_grad_(True)
             if input_only:  # what an attack step needs: no weight gradients (eval mode, frozen weights)
                 model.eval()
@@ -172,13 +175,17 @@ def context_passes(data: Any, batch_size: int, reps: int) -> dict[str, float]:
 
     cands = {"float fwd+bwd": step(fl, False), "w4 fwd+bwd": step(q4, False),
              "w4 input-grad (eval, frozen)": step(q4, True)}
-    times = common.interleave(cands, rounds=reps, runs=1, warmup=1)
+    if cpus > threads:
+        cands[f"w4 fwd+bwd, {cpus} threads"] = step(q4, False, cpus)
+    try:
+        times = common.interleave(cands, rounds=reps, runs=1, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
     return {k: batch_size / t.median for k, t in times.items()}
 
 
 def torch_profile(data: Any, batch_size: int) -> list[tuple[str, float]]:
     """Top ops by self CPU time of one 4-bit forward+backward (torch.profiler)."""
-    import torch
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
@@ -199,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=6, help="batches per chunk (the first is an untimed warm-up)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--pgd-steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
     ap.add_argument("--quick", action="store_true", help="1 chunk of 3 batches of 32 (a smoke run)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results.json alone")
     args = ap.parse_args(argv)
@@ -207,17 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 2 or args.chunks < 1:
         ap.error("--batches must be >= 2 (the first of each chunk is a warm-up) and --chunks >= 1")
     return run(chunks=args.chunks, batches=args.batches, batch_size=args.batch_size, steps=args.pgd_steps,
-               write=not args.no_write, quick=args.quick)
+               threads=args.threads, write=not args.no_write, quick=args.quick)
 
 
-def run(*, chunks: int, batches: int, batch_size: int, steps: int, write: bool = True, quick: bool = False) -> int:
+def run(*, chunks: int, batches: int, batch_size: int, steps: int, threads: int = 1, write: bool = True,
+        quick: bool = False) -> int:
     import os
     import warnings
 
     import torch
 
     info = common.machine_info()
-    threads = os.cpu_count() or 1
     results: dict[str, Any] = {"machine": info, "quick": quick, "model": "resnet20", "bits": BITS,
                                "batch_size": batch_size, "pgd_steps": steps, "eps": EPS, "step": STEP,
                                "chunks": chunks, "batches_per_chunk": batches, "torch_threads": threads}
@@ -261,7 +269,8 @@ def run(*, chunks: int, batches: int, batch_size: int, steps: int, write: bool =
         "plain_batch_s": plain, "rcdeploy_batch_s": ours,
     })
     t = time.perf_counter()
-    results["context_img_per_s"] = context_passes(data, batch_size, reps=2 if quick else 3)
+    results["context_img_per_s"] = context_passes(data, batch_size, reps=2 if quick else 3, threads=threads,
+                                                  cpus=os.cpu_count() or 1)
     results["torch_profile_w4_fwd_bwd"] = torch_profile(data, min(batch_size, 64))
     print(f"[train] context passes and profile in {time.perf_counter() - t:.0f} s", file=sys.stderr)
 
@@ -308,9 +317,20 @@ def markdown(r: dict[str, Any], headers: list, rows: list) -> str:
         "the attack steps) and from batched on-tensor augmentation; each attack step still costs a full quantized "
         "forward and an input backward, so the ratio is bounded near (steps + 1) x full / "
         "(steps x input-only + full). torch.profiler, 4-bit forward+backward, self CPU time: " + prof + ".",
+        threads_note(r),
         "For reference (issue 7, float ResNet-20, 2 threads, batch 128, an earlier run): ~465 img/s clean, "
         "~270 FGSM-RS, ~77 PGD-7.", "",
     ])
+
+
+def threads_note(r: dict[str, Any]) -> str:
+    ctx = r["context_img_per_s"]
+    key = next((k for k in ctx if k.startswith("w4 fwd+bwd, ")), None)
+    if key is None:
+        return ""
+    n = key.split(", ")[1]
+    return (f"Threads: the 4-bit forward+backward ran at {ctx[key]:.0f} img/s with {n} vs {ctx['w4 fwd+bwd']:.0f} "
+            f"img/s with {r['torch_threads']} in the same rounds; both loops use {r['torch_threads']}.")
 
 
 if __name__ == "__main__":
