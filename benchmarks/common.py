@@ -208,6 +208,20 @@ def gemm_model(m: int, k: int, n: int, *, integer: bool) -> bytes:
     return model.SerializeToString()
 
 
+def identity_model(shape: Sequence[int]) -> bytes:
+    """One Identity node on a float [N, *shape] input: the floor of an InferenceSession.run call."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "floor",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *shape])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *shape])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def gemm_input(m: int, k: int, integer: bool) -> np.ndarray:
     rng = np.random.default_rng(1)
     return rng.integers(0, 256, (m, k), dtype=np.uint8) if integer else rng.standard_normal((m, k), dtype=np.float32)
@@ -224,21 +238,26 @@ _WEIGHT_INPUT = {"QLinearConv": 3, "NhwcQLinearConv": 3, "ConvInteger": 1, "QGem
                  "NhwcConv": 1, "Gemm": 1, "FusedGemm": 1, "MatMul": 1, "FusedMatMul": 1}
 
 
-def _reduction_size(node: Any, inits: Mapping[str, Any], in_shapes: Sequence[Sequence[int] | None]) -> int | None:
-    """MACs per output element of a conv / matmul node of ORT's optimized graph.
+def _weight_dims(node: Any, inits: Mapping[str, Any], in_shapes: Sequence[Sequence[int] | None]) -> list[int] | None:
+    """Shape of a conv / matmul node's weight in ORT's optimized graph.
 
-    The weight's shape comes from its initializer or, for a weight computed at run time (e.g. a
-    DequantizeLinear feeding a float Conv), from the profile's input shapes. (The profile leaves
-    pre-packed initializers out of its input list, so its indices only hold for computed weights.)
+    From its initializer or, for a weight computed at run time (e.g. a DequantizeLinear feeding a float
+    Conv), from the profile's input shapes. (The profile leaves pre-packed initializers out of its input
+    list, so its indices only hold for computed weights.)
     """
-    op = node.op_type
-    idx = _WEIGHT_INPUT.get(op)
-    dims: Sequence[int] | None = None
-    if idx is not None and len(node.input) > idx and node.input[idx] in inits:
-        dims = list(inits[node.input[idx]].dims)
-    elif idx is not None and idx < len(in_shapes) and in_shapes[idx]:
-        dims = in_shapes[idx]
-    if "Conv" in op:
+    idx = _WEIGHT_INPUT.get(node.op_type)
+    if idx is None:
+        return None
+    if len(node.input) > idx and node.input[idx] in inits:
+        return list(inits[node.input[idx]].dims)
+    if idx < len(in_shapes) and in_shapes[idx]:
+        return list(in_shapes[idx])
+    return None
+
+
+def _reduction_size(node: Any, dims: Sequence[int] | None, in_shapes: Sequence[Sequence[int] | None]) -> int | None:
+    """MACs per output element of a conv / matmul node."""
+    if "Conv" in node.op_type:
         return int(np.prod(dims[1:])) if dims is not None and len(dims) >= 3 else None  # (C_in/groups)*kh*kw
     if dims is not None and len(dims) == 2:  # Gemm-like: B is [K, N] (or [N, K] with transB)
         trans = any(a.name == "transB" and a.i == 1 for a in node.attribute)
@@ -270,9 +289,19 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
         opt = onnx.load(str(opt_path))
     nodes = {n.name: n for n in opt.graph.node}
     inits = {t.name: t for t in opt.graph.initializer}
-    runs_seen = Counter(e["name"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    n_runs = max(1, runs_seen.get("model_run", runs + 1))
-    time_by_op: dict[str, float] = defaultdict(float)
+    # Only the timed runs: node events inside the last `runs` model_run windows (not the warm-up).
+    windows = sorted((int(e["ts"]), int(e["ts"]) + int(e.get("dur", 0))) for e in events
+                     if e.get("cat") == "Session" and e.get("name") == "model_run")[-runs:]
+
+    def timed(e: Mapping[str, Any]) -> bool:
+        ts = int(e.get("ts", 0))
+        return not windows or any(a <= ts <= b for a, b in windows)
+
+    events = [e for e in events if e.get("cat") != "Node" or timed(e)]
+    # Per node, the median of its timed runs: a run preempted by another process does not skew the shares.
+    durations: dict[str, list[float]] = defaultdict(list)
+    node_op: dict[str, str] = {}
+    node_info: dict[str, dict[str, Any]] = {}
     int_macs = float_macs = 0
     counted: set[str] = set()
     batch = int(x.shape[0])
@@ -281,8 +310,9 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
             continue
         args = e.get("args", {})
         op = args.get("op_name", "?")
-        time_by_op[op] += float(e.get("dur", 0)) / 1e6 / n_runs
         name = e["name"][: -len("_kernel_time")]
+        durations[name].append(float(e.get("dur", 0)) / 1e6)
+        node_op[name] = op
         if name in counted or (op not in INTEGER_KERNELS and op not in FLOAT_KERNELS) or name not in nodes:
             continue
         counted.add(name)
@@ -290,14 +320,22 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
         ins = args.get("input_type_shape") or []
         out_shape = next(iter(outs[0].values())) if outs else None
         in_shapes = [next(iter(i.values())) if i else None for i in ins]
-        k = _reduction_size(nodes[name], inits, in_shapes)
+        dims = _weight_dims(nodes[name], inits, in_shapes)
+        k = _reduction_size(nodes[name], dims, in_shapes)
         if not out_shape or k is None:
             continue
         macs = int(np.prod(out_shape)) // batch * k
+        node_info[name] = {"op": op, "macs": macs, "out_channels": int(dims[0]) if dims and "Conv" in op else None,
+                           "depthwise": bool(dims and "Conv" in op and len(dims) >= 2 and dims[1] == 1)}
         if op in INTEGER_KERNELS:
             int_macs += macs
         else:
             float_macs += macs
+    time_by_op: dict[str, float] = defaultdict(float)
+    for name, ds in durations.items():
+        time_by_op[node_op[name]] += statistics.median(ds)
+        if name in node_info:
+            node_info[name]["s"] = statistics.median(ds)
     total_t = sum(time_by_op.values())
     total_macs = int_macs + float_macs
     return {
@@ -305,7 +343,9 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
         "macs_per_image": int(total_macs),
         "integer_macs_per_image": int(int_macs),
         "integer_mac_share": (int_macs / total_macs) if total_macs else 0.0,
-        "kernel_time_s": total_t,
+        "kernel_time_s": total_t,  # sum over nodes of each node's median kernel time, one run
+        "kernel_nodes": len(durations),
+        "conv_gemm_nodes": node_info,  # name -> op, MACs per image, output channels, median seconds
         "wall_s": wall,
         "time_share_by_op": {k: v / total_t for k, v in sorted(time_by_op.items(), key=lambda kv: -kv[1])}
         if total_t else {},

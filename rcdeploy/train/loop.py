@@ -201,7 +201,12 @@ def _point_latest(run_dir: Path) -> None:
         (run_dir.parent / "latest.txt").write_text(str(run_dir.resolve()) + "\n")
 
 
-def _sparsity_for(cfg: TrainConfig, model: nn.Module):
+def finetune_epoch(cfg: TrainConfig) -> int:
+    """First epoch of the fixed-mask fine-tune phase (the last `finetune_fraction` of training)."""
+    return cfg.epochs - int(round(cfg.epochs * cfg.finetune_fraction))
+
+
+def _sparsity_for(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
     from rcdeploy.train.unstructured import UNSTRUCTURED
 
     if cfg.sparsity in UNSTRUCTURED:  # weight sparsity: on whenever named (rvsm needs no target)
@@ -216,7 +221,8 @@ def _sparsity_for(cfg: TrainConfig, model: nn.Module):
     from rcdeploy.train.sparsity import create_sparsity
 
     return create_sparsity(cfg.sparsity, model, target=target, channel_multiple=cfg.channel_multiple,
-                           **cfg.sparsity_params)
+                           epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                           finetune_at=finetune_epoch(cfg) / cfg.epochs, **cfg.sparsity_params)
 
 
 def _plugins_for(cfg: TrainConfig, model: nn.Module) -> list[Any]:
@@ -279,6 +285,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
     data = _train_subset(cfg, data)
     settings = adv_settings(cfg, data.meta.default_eps)
     objective = OBJECTIVES[cfg.adv]
+    batches_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
 
     if ckpt is None:
         spec = model_spec(cfg.model, quant_spec(cfg), **model_kwargs(cfg, data))
@@ -286,7 +293,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         calib = [x for x, _ in iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=g)]
         calibrate_activations(model, (calib * ACT_CALIBRATION_STEPS)[:ACT_CALIBRATION_STEPS])
-        sparsity = _sparsity_for(cfg, model)  # before the run folder: a bad name must leave nothing behind
+        sparsity = _sparsity_for(cfg, model, batches_per_epoch)  # before the run folder: a bad name must leave nothing behind
         plugins = _plugins_for(cfg, model)
         run_dir = _new_run_dir(cfg)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -295,7 +302,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
         spec = ckpt["model"]
         model = build_model(spec).to(device)
         model.load_state_dict(ckpt["state_dict"])
-        sparsity = _sparsity_for(cfg, model)
+        sparsity = _sparsity_for(cfg, model, batches_per_epoch)
         plugins = _plugins_for(cfg, model)
         for p in plugins:
             state = (ckpt.get("plugins_state") or {}).get(p.name)
@@ -304,7 +311,7 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
     _point_latest(run_dir)
 
     optimizer = make_optimizer(cfg, model)
-    finetune_start = cfg.epochs - int(round(cfg.epochs * cfg.finetune_fraction)) if sparsity else 0
+    finetune_start = finetune_epoch(cfg) if sparsity else 0
     start_epoch, start_batch, history, best = 0, 0, [], None
     partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
     if ckpt is not None:
@@ -317,7 +324,6 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
 
     val_n = len(data.val) if cfg.val_samples is None else min(cfg.val_samples, len(data.val))
     val_x, val_y = data.val.x[:val_n], data.val.y[:val_n]
-    batches_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     result = RunResult(run_dir=run_dir, metrics=history, best=best)
 
     def save(name: str, epoch: int, batch: int, part: dict | None) -> None:
