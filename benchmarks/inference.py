@@ -290,6 +290,7 @@ def profile_net(net: str, cands: list[Candidate], cpus: int) -> dict[str, Any]:
         out[c.name] = {"b64": common.profile_model(c.data, x, threads=cpus, spin=False, runs=2)}
         if c.name.startswith("rcdeploy") or c.name == "fp32":
             out[c.name]["b1"] = common.profile_model(c.data, x[:1], threads=1, runs=50)
+            out[c.name]["b64_1t"] = common.profile_model(c.data, x, threads=1, runs=3)
     return out
 
 
@@ -450,6 +451,21 @@ def _ms(seconds: float) -> str:
     return common.fmt_ms(seconds) + " ms"
 
 
+def by_channels(p: dict[str, Any]) -> str:
+    """GMAC/s of the integer (non-depthwise) convs grouped by output channel count, and their share of time."""
+    groups: dict[int, list[float]] = {}
+    total = sum(n.get("s", 0.0) for n in p["conv_gemm_nodes"].values())
+    for n in p["conv_gemm_nodes"].values():
+        if n["op"] in common.INTEGER_KERNELS and n["out_channels"] and not n["depthwise"] and n.get("s"):
+            g = groups.setdefault(n["out_channels"], [0.0, 0.0])
+            g[0] += n["macs"]
+            g[1] += n["s"]
+    batch = 64
+    parts = [f"{c} ch {batch * m / t / 1e9:.0f} GMAC/s ({100 * t / total:.0f}% of conv time)"
+             for c, (m, t) in sorted(groups.items())]
+    return ", ".join(parts) if parts else "none"
+
+
 def limits(net: str, res: dict[str, Any], prof: dict[str, Any]) -> list[str]:
     """Measured facts that say what bounds each rcdeploy figure (profile + timing of the same run)."""
     out = []
@@ -464,6 +480,10 @@ def limits(net: str, res: dict[str, Any], prof: dict[str, Any]) -> list[str]:
                    f"{_ms(floor)}); profiled: {p['kernel_nodes']} kernels, {_ms(p['kernel_time_s'])} of kernel time, "
                    f"{1e6 * p['kernel_time_s'] / max(1, p['kernel_nodes']):.1f} us per kernel on average; integer "
                    f"conv/gemm {100 * conv:.0f}% of it ({_top_ops(p, 4)})")
+    for name in ("rcdeploy w8", "rcdeploy w8 -50%ch"):
+        p = prof.get(name, {}).get("b64_1t")
+        if p:
+            out.append(f"{name}, integer convs by output channels (b64/1t profile): " + by_channels(p))
     for pruned in ("rcdeploy w8 -50%ch", f"rcdeploy w8 -50%ch x{MULTIPLE}"):
         if pruned not in prof or "rcdeploy w8" not in prof:
             continue

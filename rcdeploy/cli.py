@@ -19,7 +19,7 @@ from rcdeploy.errors import UsageError, VerificationError
 def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True)  # long lines stay whole in logs
 
 
 def _write_json(path: str | None, payload: Any) -> None:
@@ -133,7 +133,8 @@ def train(recipe: str | None, resume: str | None, json_path: str | None, **overr
 @click.option("--format", "formats", default="qdq", show_default=True,
               help="Comma list of qdq, qonnx, ort, or all.")
 @click.option("--storage", type=click.Choice(["packed", "int8"]), default="packed", show_default=True,
-              help="Low-bit weights packed as INT4 (small file; widened at load by rcdeploy) or stored as int8.")
+              help="Sub-8-bit weights stored packed as INT4 (half the bytes; onnxruntime still runs int8 "
+                   "kernels) or as plain int8.")
 @click.option("-o", "--output", default="model.onnx", show_default=True)
 @click.option("--data-dir", help="Dataset folder for verification images.")
 @click.option("--verify-samples", type=int, default=512, show_default=True)

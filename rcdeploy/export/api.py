@@ -292,6 +292,10 @@ def render_summary(summary: dict[str, Any], console: Any) -> None:
     for path, size in (summary.get("files") or {}).items():
         table.add_row(path, f"{size:,}")
     console.print(table)
+    if summary.get("pruning"):
+        from rcdeploy.export.shrink import ShrinkReport
+
+        console.print(ShrinkReport.from_dict(summary["pruning"]).to_table())
     ver = summary.get("verification")
     if ver:
         steps = ver.get("max_abs_logit_diff_steps")

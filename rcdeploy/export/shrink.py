@@ -80,6 +80,16 @@ class ShrinkReport:
                 "channel_multiple": self.channel_multiple, "totals": self.totals(),
                 "layers": [asdict(r) for r in self.layers]}
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ShrinkReport:
+        """Inverse of `to_dict` (export summaries and sidecars carry the dict form)."""
+        t = d.get("totals", {})
+        return cls(layers=[LayerShrink(**r) for r in d.get("layers", [])],
+                   input_shape=None if d.get("input_shape") is None else tuple(d["input_shape"]),
+                   channel_multiple=d.get("channel_multiple", 1), channels_before=t.get("channels_before", 0),
+                   channels_after=t.get("channels_after", 0), all_params_before=t.get("all_params_before", 0),
+                   all_params_after=t.get("all_params_after", 0))
+
     def to_table(self) -> Table:
         table = Table(title="channel removal", show_footer=True)
 

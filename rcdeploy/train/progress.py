@@ -43,7 +43,7 @@ class RichReporter(Reporter):
 
     def end_epoch(self, m: dict[str, Any]) -> None:
         sp = m.get("sparsity") or {}
-        sparsity = f"  channels removed {sp['removable_share'] * 100:.0f}%" if "removable_share" in sp else ""
+        sparsity = f"  channels removed {sp['channel_sparsity'] * 100:.0f}%" if "channel_sparsity" in sp else ""
         self.console.print(
             f"epoch {m['epoch']:>3}  loss {m['train_loss']:.3f}  train {m['train_acc']:5.1f}%  "
             f"val clean {m['val_clean_acc']:5.1f}%  {m['val_attack']} {m['val_robust_acc']:5.1f}%  "
