@@ -15,12 +15,17 @@ provider, ORT_ENABLE_ALL, sequential, nothing rcdeploy-specific at load time):
   ... -50%ch           the same after removing 50% of every prunable channel group (zeroed, then
                        physically removed by rcdeploy.export.shrink.shrink_model)
 
+  ... -50%ch x16        the 8-bit pruned model with every group rounded up to a multiple of 16 channels
+                       (shrink_model's channel_multiple), because 8-channel int8 convs run slowly on x86
+
 Weights and BatchNorm statistics are random and activation scales are calibrated on random images:
-latency and size do not depend on training. Settings: b1 with 1 intra-op thread; b64 with all cores,
-with onnxruntime's default thread-pool spinning and with spinning off. Every setting also times the
-machine's int8 limit in the same rounds: one 1024x1024x1024 MatMulInteger (uint8 x int8 -> int32) at
-the setting's thread count; GMAC/s of a model = its MACs (from ORT's profile of the optimized graph)
-x batch / median latency. Integer-kernel share = MACs that run in integer kernels / all conv+matmul MACs.
+latency and size do not depend on training. Settings: b1 and b64 with 1 intra-op thread; b64 with all
+cores, with onnxruntime's default thread-pool spinning and with spinning off. Every setting also times,
+in the same rounds, the machine's int8 limit (one 1024x1024x1024 MatMulInteger, uint8 x int8 -> int32,
+at the setting's thread count) and the floor of a session.run (a 1-node Identity graph). GMAC/s of a
+model = its MACs (from ORT's profile of the optimized graph) x batch / median latency. Integer-kernel
+share = MACs that run in integer kernels / all conv+matmul MACs. Per-layer kernel times come from
+onnxruntime's profiler (SessionOptions.enable_profiling) and say what limits each figure.
 """
 
 from __future__ import annotations
@@ -181,7 +186,7 @@ def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any
     import torch
 
     from rcdeploy.deploy.session import open_session, run_logits
-    from rcdeploy.export.qdq import build_qdq
+    from rcdeploy.export.qdq import build_qdq, bytes_by_dtype
     from rcdeploy.export.shrink import shrink_model
     from rcdeploy.export.verify import compare_logits, torch_logits
 
@@ -212,6 +217,7 @@ def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any
                 "macs": [tot["macs_before"], tot["macs_after"]]}
         ex = build_qdq(model.eval(), shape, storage="packed")
         data = ex.to_bytes()
+        info.setdefault("bytes_by_dtype", {})[name] = bytes_by_dtype(ex.model)
         # Not a gate (random weights give near-tied logits): a figure that says the file computes the model.
         got = run_logits(open_session(ex.model, threads=1, widen=False), x_check.numpy())
         checks[name] = {k: v for k, v in compare_logits(torch_logits(model, x_check), got).items()
@@ -387,7 +393,7 @@ def run(nets: list[str], *, rounds: int, budget_s: float, write: bool = True, qu
         t = time.perf_counter()
         prof = profile_net(net, cands, cpus)
         log(f"  profiled in {time.perf_counter() - t:.0f} s")
-        results["nets"][net] = {"build": binfo, "sizes_bytes": sizes, "settings": res, "profile": prof}
+        results["nets"][net] = {"build": binfo, "sizes_bytes": sizes, "settings": res, "profile": compact(prof)}
         tables = [latency_table(res, sizes), efficiency_table(res, prof)]
         print(f"\n{NETS[net]['label']} {'x'.join(map(str, NETS[net]['shape']))}: median latency over {rounds} "
               f"rounds (p25-p75 of single runs), ratio = per-round fp32/model median")
@@ -397,7 +403,7 @@ def run(nets: list[str], *, rounds: int, budget_s: float, write: bool = True, qu
             f"{s}: {res[s]['int8_limit_gmacs']:.0f} GMAC/s" for s in res))
         for note in binfo["notes"]:
             print("note:", note)
-        sections.append((net, tables, res, prof, binfo))
+        sections.append((net, tables, res, prof, binfo))  # full profiles: the markdown reads per-layer times
     results["goals"] = goals(results)
     for line in results["goals"]["lines"]:
         print(line)
@@ -451,6 +457,18 @@ def _ms(seconds: float) -> str:
     return common.fmt_ms(seconds) + " ms"
 
 
+def compact(prof: dict[str, Any]) -> dict[str, Any]:
+    """Profiles for results.json: per-layer records replaced by their per-channel-count summary."""
+    out: dict[str, Any] = {}
+    for name, views in prof.items():
+        out[name] = {}
+        for view, p in views.items():
+            q = {k: v for k, v in p.items() if k != "conv_gemm_nodes"}
+            q["integer_convs_by_out_channels"] = by_channels(p) if view == "b64_1t" else None
+            out[name][view] = q
+    return out
+
+
 def by_channels(p: dict[str, Any]) -> str:
     """GMAC/s of the integer (non-depthwise) convs grouped by output channel count, and their share of time."""
     groups: dict[int, list[float]] = {}
@@ -460,15 +478,29 @@ def by_channels(p: dict[str, Any]) -> str:
             g = groups.setdefault(n["out_channels"], [0.0, 0.0])
             g[0] += n["macs"]
             g[1] += n["s"]
+    dw = [0.0, 0.0]
+    for n in p["conv_gemm_nodes"].values():
+        if n["op"] in common.INTEGER_KERNELS and n["depthwise"] and n.get("s"):
+            dw[0] += n["macs"]
+            dw[1] += n["s"]
     batch = 64
     parts = [f"{c} ch {batch * m / t / 1e9:.0f} GMAC/s ({100 * t / total:.0f}% of conv time)"
              for c, (m, t) in sorted(groups.items())]
+    if dw[1]:
+        parts.append(f"depthwise {batch * dw[0] / dw[1] / 1e9:.0f} GMAC/s ({100 * dw[1] / total:.0f}% of conv time, "
+                     f"{100 * dw[0] / max(1, sum(n['macs'] for n in p['conv_gemm_nodes'].values())):.0f}% of MACs)")
     return ", ".join(parts) if parts else "none"
 
 
-def limits(net: str, res: dict[str, Any], prof: dict[str, Any]) -> list[str]:
+def limits(net: str, res: dict[str, Any], prof: dict[str, Any], binfo: dict[str, Any]) -> list[str]:
     """Measured facts that say what bounds each rcdeploy figure (profile + timing of the same run)."""
     out = []
+    by = binfo.get("bytes_by_dtype", {})
+    if "rcdeploy w4" in by and "rcdeploy w8" in by:
+        def parts(d: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+        out.append(f"file payload by dtype, w8: {parts(by['rcdeploy w8'])}; w4: {parts(by['rcdeploy w4'])} bytes "
+                   "(4-bit weights halve only the weight bytes; per-channel float scales and int32 biases stay)")
     lat = {n: res[GOAL_B1]["models"][n]["latency"]["median_of_round_medians"] for n in res[GOAL_B1]["models"]}
     for name in ("rcdeploy w8", "rcdeploy w8 -50%ch", f"rcdeploy w8 -50%ch x{MULTIPLE}"):
         p = prof.get(name, {}).get("b1")
@@ -483,7 +515,14 @@ def limits(net: str, res: dict[str, Any], prof: dict[str, Any]) -> list[str]:
     for name in ("rcdeploy w8", "rcdeploy w8 -50%ch"):
         p = prof.get(name, {}).get("b64_1t")
         if p:
-            out.append(f"{name}, integer convs by output channels (b64/1t profile): " + by_channels(p))
+            out.append(f"{name}, integer convs by output channels (b64/1t profile, non-depthwise): " + by_channels(p))
+    if "b64/all" in res and "b64/all nospin" in res:
+        def spin_cost(name: str) -> float:
+            a = res["b64/all"]["models"][name]["latency"]["median_of_round_medians"]
+            return a / res["b64/all nospin"]["models"][name]["latency"]["median_of_round_medians"]
+        out.append(f"onnxruntime's spinning thread pool on this loaded machine: fp32 {spin_cost('fp32'):.2f}x and "
+                   f"rcdeploy w8 {spin_cost('rcdeploy w8'):.2f}x the latency with spinning off, so b64/all ratios "
+                   "measure the scheduler as much as the kernels")
     for pruned in ("rcdeploy w8 -50%ch", f"rcdeploy w8 -50%ch x{MULTIPLE}"):
         if pruned not in prof or "rcdeploy w8" not in prof:
             continue
@@ -533,7 +572,7 @@ def markdown(results: dict[str, Any], sections: list, cpus: int) -> str:
         for note in binfo["notes"]:
             out.append(f"Note: {note}.")
         out.append("")
-        out += [f"- {line}." for line in limits(net, res, prof)]
+        out += [f"- {line}." for line in limits(net, res, prof, binfo)]
         out.append("")
     out += ["### Goals (reported, not asserted)", ""]
     out += [f"- {line}" for line in results["goals"]["lines"]]

@@ -194,8 +194,9 @@ def _register(name: str, members: int, depth: int, noise: float = NOISE) -> None
     register_model(name)(build)
 
 
-for _depth in (20, 32, 44, 56, 110):
-    for _n in (1, 2, 3, 5):
+# The depths and ensemble sizes of the papers (other sizes: EnResNet(members=, depth=) directly).
+for _depth in (20, 44):
+    for _n in (1, 2, 5):
         _register(f"en{_n}resnet{_depth}", _n, _depth)
     _register(f"enresnet{_depth}", DEFAULT_MEMBERS, _depth)
 _register("preact_resnet20", 1, 20, noise=0.0)
