@@ -52,7 +52,7 @@ NETS: dict[str, dict[str, Any]] = {
                  "std": (0.2470, 0.2435, 0.2616)},
     "mobilenetv2": {"label": "MobileNetV2", "shape": (3, 32, 32), "mean": (0.4914, 0.4822, 0.4465),
                     "std": (0.2470, 0.2435, 0.2616)},
-    "small_cnn": {"label": "small CNN (digits 1x8x8)", "shape": (1, 8, 8), "mean": (0.305483,), "std": (0.37611,)},
+    "small_cnn": {"label": "small CNN (digits)", "shape": (1, 8, 8), "mean": (0.305483,), "std": (0.37611,)},
 }
 # (label, batch, threads (None: all cores), spinning)
 SETTINGS = (("b1/1t", 1, 1, True), ("b64/1t", 64, 1, True), ("b64/all", 64, None, True),
