@@ -326,7 +326,8 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
             continue
         macs = int(np.prod(out_shape)) // batch * k
         group = next((a.i for a in nodes[name].attribute if a.name == "group"), 1)
-        node_info[name] = {"op": op, "macs": macs, "out_channels": int(dims[0]) if dims and "Conv" in op else None,
+        node_info[name] = {"op": op, "macs": macs, "k": k,
+                           "out_channels": int(dims[0]) if dims and "Conv" in op else None,
                            "depthwise": bool(dims and "Conv" in op and group > 1 and group == dims[0])}
         if op in INTEGER_KERNELS:
             int_macs += macs

@@ -475,7 +475,7 @@ def by_channels(p: dict[str, Any]) -> str:
     total = sum(n.get("s", 0.0) for n in p["conv_gemm_nodes"].values())
     for n in p["conv_gemm_nodes"].values():
         if n["op"] in common.INTEGER_KERNELS and n["out_channels"] and not n["depthwise"] and n.get("s"):
-            g = groups.setdefault(n["out_channels"], [0.0, 0.0])
+            g = groups.setdefault(n["out_channels"] if n.get("k", 99) > 27 else "stem", [0.0, 0.0])
             g[0] += n["macs"]
             g[1] += n["s"]
     dw = [0.0, 0.0]
@@ -484,8 +484,8 @@ def by_channels(p: dict[str, Any]) -> str:
             dw[0] += n["macs"]
             dw[1] += n["s"]
     batch = 64
-    parts = [f"{c} ch {batch * m / t / 1e9:.0f} GMAC/s ({100 * t / total:.0f}% of conv time)"
-             for c, (m, t) in sorted(groups.items())]
+    parts = [f"{c if c == 'stem' else f'{c} ch'} {batch * m / t / 1e9:.0f} GMAC/s ({100 * t / total:.0f}% of conv time)"
+             for c, (m, t) in sorted(groups.items(), key=lambda kv: (kv[0] != "stem", str(kv[0]).zfill(6)))]
     if dw[1]:
         parts.append(f"depthwise {batch * dw[0] / dw[1] / 1e9:.0f} GMAC/s ({100 * dw[1] / total:.0f}% of conv time, "
                      f"{100 * dw[0] / max(1, sum(n['macs'] for n in p['conv_gemm_nodes'].values())):.0f}% of MACs)")
@@ -515,7 +515,7 @@ def limits(net: str, res: dict[str, Any], prof: dict[str, Any], binfo: dict[str,
     for name in ("rcdeploy w8", "rcdeploy w8 -50%ch"):
         p = prof.get(name, {}).get("b64_1t")
         if p:
-            out.append(f"{name}, integer convs by output channels (b64/1t profile, non-depthwise): " + by_channels(p))
+            out.append(f"{name}, integer convs by output channels (b64/1t profile; stem = first conv, 1-3 input channels): " + by_channels(p))
     if "b64/all" in res and "b64/all nospin" in res:
         def spin_cost(name: str) -> float:
             a = res["b64/all"]["models"][name]["latency"]["median_of_round_medians"]
@@ -534,6 +534,90 @@ def limits(net: str, res: dict[str, Any], prof: dict[str, Any], binfo: dict[str,
             t_half = res[s]["models"][pruned]["latency"]["median_of_round_medians"]
             cuts.append(f"{t_full / t_half:.2f}x at {s}")
         out.append(f"{pruned}: MACs cut {m_full / max(m_half, 1):.2f}x, latency cut " + ", ".join(cuts))
+    return out
+
+
+def _channel_buckets(p: dict[str, Any]) -> dict[Any, tuple[float, float]]:
+    """(GMAC/s at batch 64, share of conv time) of integer convs per output-channel count ('dw': depthwise)."""
+    nodes = [n for n in p["conv_gemm_nodes"].values() if n["op"] in common.INTEGER_KERNELS and n.get("s")]
+    total = sum(n["s"] for n in nodes) or 1.0
+    acc: dict[Any, list[float]] = {}
+    for n in nodes:
+        if n["out_channels"] is None:
+            continue
+        # The stem conv (3 or 1 input channels: reduction <= 27) is slow for its tiny reduction, not its width.
+        key = "dw" if n["depthwise"] else "stem" if n.get("k", 99) <= 27 else n["out_channels"]
+        a = acc.setdefault(key, [0.0, 0.0])
+        a[0] += n["macs"]
+        a[1] += n["s"]
+    return {k: (64 * m / t / 1e9, t / total) for k, (m, t) in acc.items()}
+
+
+def misses(net: str, figures: dict[str, Any], res: dict[str, Any], prof: dict[str, Any],
+           binfo: dict[str, Any]) -> list[str]:
+    """For each goal this network misses: by how much, and what the same run's profile says limits it."""
+    out = []
+    f = figures[net]
+    full_b1 = prof.get("rcdeploy w8", {}).get("b1")
+    fp32_b1 = res[GOAL_B1]["models"]["fp32"]["latency"]["median_of_round_medians"]
+    floor = res[GOAL_B1]["session_run_floor"]["median_of_round_medians"]
+    if f["w8_b1"] is not None and f["w8_b1"] < 2.2 and full_b1:
+        out.append(f"w8 at b1 is {f['w8_b1']:.2f}x fp32 (goal 2.2x): the whole fp32 model takes only {_ms(fp32_b1)}; "
+                   f"the integer graph runs {full_b1['kernel_nodes']} kernels averaging "
+                   f"{1e6 * full_b1['kernel_time_s'] / max(1, full_b1['kernel_nodes']):.1f} us under the profiler, "
+                   f"against a session.run floor of {_ms(floor)}: at this size, per-kernel fixed costs (quantize the "
+                   "input, layout transposes, pooling, the head) weigh as much as the MACs, so integer arithmetic "
+                   "cannot give its full factor")
+    half_b1 = prof.get("rcdeploy w8 -50%ch", {}).get("b1")
+    if half_b1 and (f["w8p_b1"] or 0) < 3.5 <= (f["w8p_b64"] or 0):
+        out.append(f"w8 -50%ch is {f['w8p_b1']:.2f}x fp32 at b1 (goal 3.5x; {f['w8p_b64']:.2f}x at b64): at batch 1 "
+                   f"its {half_b1['kernel_nodes']} kernels average "
+                   f"{1e6 * half_b1['kernel_time_s'] / max(1, half_b1['kernel_nodes']):.1f} us under the profiler, "
+                   "so per-kernel fixed costs, which channel removal does not shrink, bound the gain")
+    pr = prof.get("rcdeploy w8 -50%ch", {}).get("b64_1t")
+    if pr and (f["w8p_b64"] or 0) < 3.5:
+        b = _channel_buckets(pr)
+        chans = sorted(k for k in b if k not in ("dw", "stem"))
+        worst = min(chans, key=lambda k: b[k][0]) if chans else None
+        fast = max(chans, key=lambda k: b[k][0]) if chans else None
+        m_full = prof["rcdeploy w8"]["b64"]["macs_per_image"]
+        m_half = prof["rcdeploy w8 -50%ch"]["b64"]["macs_per_image"]
+        t_full = res["b64/1t"]["models"]["rcdeploy w8"]["latency"]["median_of_round_medians"]
+        t_half = res["b64/1t"]["models"]["rcdeploy w8 -50%ch"]["latency"]["median_of_round_medians"]
+        text = (f"w8 -50%ch is {f['w8p_b1']:.2f}x fp32 at b1 and {f['w8p_b64']:.2f}x at b64 (goal 3.5x): removing half "
+                f"the channels cuts MACs {m_full / max(1, m_half):.2f}x but b64/1t latency only {t_full / t_half:.2f}x")
+        if worst is not None and fast is not None:
+            text += (f". The narrow layers it leaves run slowly in onnxruntime's int8 conv: {worst}-channel convs at "
+                     f"{b[worst][0]:.0f} GMAC/s take {100 * b[worst][1]:.0f}% of conv time, while {fast}-channel ones "
+                     f"reach {b[fast][0]:.0f} GMAC/s")
+        if "dw" in b:
+            text += f"; depthwise convs run at {b['dw'][0]:.0f} GMAC/s ({100 * b['dw'][1]:.0f}% of conv time)"
+        if f.get("w8p16_b64") is not None:
+            text += (f". Keeping a multiple of {MULTIPLE} channels per group (shrink_model(channel_multiple="
+                     f"{MULTIPLE}), fewer channels removed) gives {f['w8p16_b1']:.2f}x at b1 and {f['w8p16_b64']:.2f}x "
+                     "at b64")
+        out.append(text)
+    if f["w8_int8_limit_fraction"] < 0.70:
+        p = prof.get("rcdeploy w8", {}).get("b64_1t")
+        text = (f"w8 reaches {100 * f['w8_int8_limit_fraction']:.0f}% of the int8 GEMM limit at {GOAL_B64} "
+                f"({100 * f['w8_int8_limit_fraction_1t']:.0f}% at b64/1t; goal 70%)")
+        if p:
+            b = _channel_buckets(p)
+            if "dw" in b:
+                text += (f": depthwise convs run at {b['dw'][0]:.0f} GMAC/s and take {100 * b['dw'][1]:.0f}% of conv "
+                         "time (one input channel per output: no reduction to vectorize over)")
+            slow = [k for k in b if k not in ("dw", "stem") and b[k][0] < 120 and b[k][1] >= 0.05]
+            if slow:
+                text += "; narrow convs below 120 GMAC/s: " + ", ".join(
+                    f"{k} ch {b[k][0]:.0f} GMAC/s ({100 * b[k][1]:.0f}% of time)" for k in sorted(slow))
+        out.append(text)
+    by = binfo.get("bytes_by_dtype", {}).get("rcdeploy w4")
+    if f["w4_over_w8_size"] > 0.55 and by:
+        other = sum(v for k, v in by.items() if k not in ("int4",))
+        total = sum(by.values())
+        out.append(f"the w4 file is {f['w4_over_w8_size']:.3f}x the w8 one (goal 0.55x): only the weights halve; "
+                   f"per-channel float scales, int32 biases and 8-bit first/last layers are {other:,} of its "
+                   f"{total:,} payload bytes ({100 * other / total:.0f}%)")
     return out
 
 
@@ -572,6 +656,12 @@ def markdown(results: dict[str, Any], sections: list, cpus: int) -> str:
         for note in binfo["notes"]:
             out.append(f"Note: {note}.")
         out.append("")
+        miss = misses(net, results["goals"]["figures"], res, prof, binfo)
+        if miss:
+            out += ["**Goals missed here, and what limits them:**", ""]
+            out += [f"- {line}." for line in miss]
+            out.append("")
+        out += ["Measurements behind that (same run):", ""]
         out += [f"- {line}." for line in limits(net, res, prof, binfo)]
         out.append("")
     out += ["### Goals (reported, not asserted)", ""]
