@@ -12,8 +12,10 @@ alternating for `--rounds` rounds (one attack call each per round); img/s = imag
 time of a call. Then `rcdeploy bench` (rcdeploy.deploy.bench.bench_model: clean accuracy in
 onnxruntime, IFGSM-20 through the twin scored by onnxruntime, graph inspection, latency at b1
 and b64 in a child process) runs once on the file over all 932 test images of the slice (1,000
-where the full test set is present). Torch threads default to 1 (see train_speed.py: two threads
-on this shared 2-core machine run far slower); bench_model gets the same count.
+where the full test set is present). Torch threads default to 1 (on this shared 2-core machine two
+OpenMP threads can wait on each other whenever another process holds a core: train_speed.py measured
+a 4-bit pass at 2 threads from 35x slower to 1.7x faster than at 1, depending on the load); bench_model
+gets the same count.
 """
 
 from __future__ import annotations

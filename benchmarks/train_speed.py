@@ -1,23 +1,24 @@
 """Training throughput: a plain PyTorch + Brevitas PGD-AT loop vs rcdeploy's fit, same model, same run.
 
-    python benchmarks/train_speed.py [--quick] [--chunks 2] [--batches 6] [--batch-size 128] [--pgd-steps 5]
+    python benchmarks/train_speed.py [--quick] [--batches 13] [--batch-size 128] [--pgd-steps 5] [--threads 1]
 
 Both train rcdeploy's ResNet-20 with 4-bit weights (8-bit activations, first/last layer 8-bit: the
 same Brevitas layers) on the CIFAR-10 slice (../shared/data/cifar10-slice) with PGD adversarial
 training at eps 8/255, step 2/255, SGD (lr 0.1, Nesterov momentum 0.9, weight decay 5e-4), the same
 batch size, PGD steps, number of batches and torch threads (default 1: on this shared 2-core machine
-two OpenMP threads wait on each other whenever another process holds a core, and a batch took 4-15x
-longer than with one; the context table measures that in the run). They alternate in chunks
-(plain, rcdeploy, plain, rcdeploy, ...) so both see the same load; the first batch of every chunk is
-a warm-up and not timed. img/s = images of the timed batches / their wall time.
+two OpenMP threads can wait on each other whenever another process holds a core; the context
+measurement times one pass at both thread counts in the run).
+
+They alternate batch by batch: rcdeploy.train.loop.fit (cifar10-resnet20-w4 recipe) is timed between
+its per-batch reporter callbacks, and each callback runs one batch of the plain loop, timed on its
+own, so load changes on the shared machine hit both loops alike. The first pair is a warm-up. The
+ratio is the median over batch pairs of (plain time / rcdeploy time). fit's setup, calibration,
+validation and checkpoint writes are not timed, nor is the plain loop's setup.
 
 The plain loop is written the obvious way: a torch Dataset over the image tensors whose
 __getitem__ does the random crop (4-pixel zero padding) and flip per sample, a DataLoader
 (batch_size, shuffle, num_workers=0, the default), model.train() throughout, and PGD inline
 (delta.requires_grad_, loss.backward(), delta.grad.sign()).
-rcdeploy's loop (rcdeploy.train.loop.fit with the cifar10-resnet20-w4 recipe) is timed between
-its per-batch reporter callbacks, so its setup, calibration, validation and checkpoint writes are
-not counted, just as the plain loop's are not.
 """
 
 from __future__ import annotations
@@ -53,48 +54,55 @@ def build_model(meta: Any, seed: int, calib: list) -> Any:
     return model.train()
 
 
-def plain_loop(data: Any, *, batches: int, batch_size: int, steps: int, seed: int) -> tuple[list[float], list[float]]:
-    """The obvious PyTorch + Brevitas PGD-AT loop; seconds of each batch (data loading included) and of
-    each batch's data loading alone."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader, Dataset
+class PlainLoop:
+    """The obvious PyTorch + Brevitas PGD-AT loop, one batch per `step()` call."""
 
-    class Augmented(Dataset):
-        """Per-sample random crop (4-px zero padding) and horizontal flip, as torchvision transforms do."""
+    def __init__(self, data: Any, *, batch_size: int, steps: int, seed: int) -> None:
+        import torch
+        import torch.nn.functional as F
+        from torch.utils.data import DataLoader, Dataset
 
-        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-            self.x, self.y = x, y
+        class Augmented(Dataset):
+            """Per-sample random crop (4-px zero padding) and horizontal flip, as torchvision transforms do."""
 
-        def __len__(self) -> int:
-            return len(self.y)
+            def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+                self.x, self.y = x, y
 
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            img = F.pad(self.x[i], (4, 4, 4, 4))
-            dy, dx = random.randint(0, 8), random.randint(0, 8)
-            img = img[:, dy:dy + 32, dx:dx + 32]
-            if random.random() < 0.5:
-                img = img.flip(2)
-            return img, self.y[i]
+            def __len__(self) -> int:
+                return len(self.y)
 
-    random.seed(seed)
-    torch.manual_seed(seed)
-    x, y = data.train.x.cpu(), data.train.y.cpu()
-    loader = DataLoader(Augmented(x, y), batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
-    model = build_model(data.meta, seed, [x[i:i + batch_size] for i in range(0, 16 * batch_size, batch_size)][:16])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    model.train()
-    times: list[float] = []
-    loading: list[float] = []
-    it = iter(loader)
-    t0 = time.perf_counter()
-    for _ in range(batches):
+            def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                img = F.pad(self.x[i], (4, 4, 4, 4))
+                dy, dx = random.randint(0, 8), random.randint(0, 8)
+                img = img[:, dy:dy + 32, dx:dx + 32]
+                if random.random() < 0.5:
+                    img = img.flip(2)
+                return img, self.y[i]
+
+        random.seed(seed)
+        torch.manual_seed(seed)
+        x, y = data.train.x.cpu(), data.train.y.cpu()
+        self.loader = DataLoader(Augmented(x, y), batch_size=batch_size, shuffle=True, num_workers=0,
+                                 drop_last=True)
+        self.model = build_model(data.meta, seed, [x[i:i + batch_size] for i in range(0, 16 * batch_size, batch_size)])
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        self.model.train()
+        self.steps = steps
+        self.it = iter(self.loader)
+
+    def step(self) -> tuple[float, float]:
+        """One training batch; (seconds in all, seconds of data loading)."""
+        import torch
+        import torch.nn.functional as F
+
+        model, steps = self.model, self.steps
+        t0 = time.perf_counter()
         try:
-            xb, yb = next(it)
+            xb, yb = next(self.it)
         except StopIteration:
-            it = iter(loader)
-            xb, yb = next(it)
-        loading.append(time.perf_counter() - t0)
+            self.it = iter(self.loader)
+            xb, yb = next(self.it)
+        loading = time.perf_counter() - t0
         delta = torch.empty_like(xb).uniform_(-EPS, EPS)
         delta = (xb + delta).clamp(0, 1) - xb
         for _ in range(steps):
@@ -103,33 +111,34 @@ def plain_loop(data: Any, *, batches: int, batch_size: int, steps: int, seed: in
             loss.backward()
             delta = (delta + STEP * delta.grad.sign()).clamp(-EPS, EPS)
             delta = ((xb + delta).clamp(0, 1) - xb).detach()
-        opt.zero_grad()
+        self.opt.zero_grad()
         loss = F.cross_entropy(model(xb + delta), yb)
         loss.backward()
-        opt.step()
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        t0 = t1
-    return times, loading
+        self.opt.step()
+        return time.perf_counter() - t0, loading
 
 
-def rcdeploy_loop(*, batches: int, batch_size: int, steps: int, seed: int, threads: int, out: Path) -> list[float]:
-    """rcdeploy.train.loop.fit for exactly `batches` batches; seconds of each batch from its reporter."""
+def interleaved_fit(plain: PlainLoop, *, batches: int, batch_size: int, steps: int, seed: int, threads: int,
+                    out: Path) -> tuple[list[float], list[tuple[float, float]]]:
+    """rcdeploy.train.loop.fit for exactly `batches` batches, with one plain-loop batch run after each of its
+    batches (inside fit's per-batch callback, outside its timing): the two alternate batch by batch, so a
+    change of machine load hits both. Returns fit's batch seconds and the plain loop's (seconds, loading)."""
     from rcdeploy.config import make_config
     from rcdeploy.train.loop import Reporter, fit
 
     class Clock(Reporter):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.plain: list[tuple[float, float]] = []
             self.t0 = 0.0
 
         def start_epoch(self, epoch: int, epochs: int, n: int, skip: int = 0) -> None:
             self.t0 = time.perf_counter()
 
         def batch(self, loss: float, images: int) -> None:
-            t1 = time.perf_counter()
-            self.times.append(t1 - self.t0)
-            self.t0 = t1
+            self.times.append(time.perf_counter() - self.t0)
+            self.plain.append(plain.step())
+            self.t0 = time.perf_counter()
 
     clock = Clock()
     cfg = make_config("cifar10-resnet20-w4", {
@@ -141,7 +150,7 @@ def rcdeploy_loop(*, batches: int, batch_size: int, steps: int, seed: int, threa
         fit(cfg, reporter=clock)
     finally:
         shutil.rmtree(out / f"train-speed-{seed}", ignore_errors=True)
-    return clock.times
+    return clock.times, clock.plain
 
 
 def context_passes(data: Any, batch_size: int, reps: int, threads: int, cpus: int) -> dict[str, float]:
@@ -205,8 +214,8 @@ def torch_profile(data: Any, batch_size: int) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chunks", type=int, default=2, help="alternations of the two loops")
-    ap.add_argument("--batches", type=int, default=6, help="batches per chunk (the first is an untimed warm-up)")
+    ap.add_argument("--batches", type=int, default=13, help="batches of each loop (the first pair is an untimed "
+                    "warm-up)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--pgd-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
@@ -214,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results.json alone")
     args = ap.parse_args(argv)
     if args.quick:
-        args.chunks, args.batches, args.batch_size = 1, 3, 32
-    if args.batches < 2 or args.chunks < 1:
-        ap.error("--batches must be >= 2 (the first of each chunk is a warm-up) and --chunks >= 1")
-    return run(chunks=args.chunks, batches=args.batches, batch_size=args.batch_size, steps=args.pgd_steps,
-               threads=args.threads, write=not args.no_write, quick=args.quick)
+        args.batches, args.batch_size = 3, 32
+    if args.batches < 2:
+        ap.error("--batches must be >= 2 (the first pair is a warm-up)")
+    return run(batches=args.batches, batch_size=args.batch_size, steps=args.pgd_steps, threads=args.threads,
+               write=not args.no_write, quick=args.quick)
 
 
-def run(*, chunks: int, batches: int, batch_size: int, steps: int, threads: int = 1, write: bool = True,
+def run(*, batches: int, batch_size: int, steps: int, threads: int = 1, write: bool = True,
         quick: bool = False) -> int:
     import os
     import warnings
@@ -231,7 +240,7 @@ def run(*, chunks: int, batches: int, batch_size: int, steps: int, threads: int 
     info = common.machine_info()
     results: dict[str, Any] = {"machine": info, "quick": quick, "model": "resnet20", "bits": BITS,
                                "batch_size": batch_size, "pgd_steps": steps, "eps": EPS, "step": STEP,
-                               "chunks": chunks, "batches_per_chunk": batches, "torch_threads": threads}
+                               "batches": batches, "torch_threads": threads}
     if not common.CIFAR_SLICE.is_dir():
         msg = f"skipped: the CIFAR-10 slice is not at {common.CIFAR_SLICE}"
         print(f"[train] {msg}", file=sys.stderr)
@@ -248,32 +257,24 @@ def run(*, chunks: int, batches: int, batch_size: int, steps: int, threads: int 
     data = load_dataset("cifar10", common.CIFAR_SLICE)
     out = common.SCRATCH / "train"
     out.mkdir(parents=True, exist_ok=True)
-    plain: list[list[float]] = []
-    loading: list[list[float]] = []
-    ours: list[list[float]] = []
-    for c in range(chunks):
-        t = time.perf_counter()
-        times, load = plain_loop(data, batches=batches, batch_size=batch_size, steps=steps, seed=c)
-        plain.append(times)
-        loading.append(load)
-        ours.append(rcdeploy_loop(batches=batches, batch_size=batch_size, steps=steps, seed=c, threads=threads,
-                                  out=out))
-        torch.set_num_threads(threads)  # fit restores the count it found; keep it explicit for the next chunk
-        print(f"[train] chunk {c + 1}/{chunks}: plain {batch_size * (batches - 1) / sum(plain[-1][1:]):.1f} img/s, "
-              f"rcdeploy {batch_size * (batches - 1) / sum(ours[-1][1:]):.1f} img/s "
-              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
-
-    def ips(chunks_: list[list[float]]) -> float:
-        timed = [t for ch in chunks_ for t in ch[1:]]
-        return batch_size * len(timed) / sum(timed)
-
-    per_chunk = [(batch_size * (len(o) - 1) / sum(o[1:])) / (batch_size * (len(p) - 1) / sum(p[1:]))
-                 for p, o in zip(plain, ours)]
+    t = time.perf_counter()
+    plain = PlainLoop(data, batch_size=batch_size, steps=steps, seed=0)
+    ours, plain_times = interleaved_fit(plain, batches=batches, batch_size=batch_size, steps=steps, seed=0,
+                                        threads=threads, out=out)
+    torch.set_num_threads(threads)  # fit restores the count it found; keep it explicit for what follows
+    print(f"[train] {batches} interleaved batch pairs in {time.perf_counter() - t:.0f} s", file=sys.stderr,
+          flush=True)
+    p_s = [a for a, _ in plain_times[1:]]
+    o_s = ours[1:]
+    pair = [a / b for a, b in zip(p_s, o_s)]
+    q = common.percentiles(pair)
     results.update({
-        "plain_img_per_s": ips(plain), "rcdeploy_img_per_s": ips(ours),
-        "ratio": ips(ours) / ips(plain), "ratio_per_chunk": per_chunk,
-        "plain_batch_s": plain, "rcdeploy_batch_s": ours,
-        "plain_loading_share": sum(t for ch in loading for t in ch[1:]) / sum(t for ch in plain for t in ch[1:]),
+        "plain_img_per_s": batch_size * len(p_s) / sum(p_s), "rcdeploy_img_per_s": batch_size * len(o_s) / sum(o_s),
+        "ratio": q["median"], "ratio_p25": q["p25"], "ratio_p75": q["p75"],
+        "ratio_of_totals": sum(p_s) / sum(o_s),
+        "plain_batch_s": [a for a, _ in plain_times], "rcdeploy_batch_s": ours,
+        "plain_loading_share": sum(b for _, b in plain_times[1:]) / sum(p_s),
+        "pair_ratios": pair,
     })
     t = time.perf_counter()
     results["context_img_per_s"] = context_passes(data, batch_size, reps=2 if quick else 3, threads=threads,
@@ -285,11 +286,12 @@ def run(*, chunks: int, batches: int, batch_size: int, steps: int, threads: int 
     # What the pass timings alone predict: plain = (steps + 1) full passes, rcdeploy = steps input-only + 1 full.
     results["predicted_ratio_from_passes"] = (steps + 1) * full / (steps * inp + full)
 
-    headers = ["loop", "img/s", "x plain"]
+    headers = ["loop", "img/s", "x plain (median of batch pairs, p25-p75)"]
     rows = [["plain PyTorch + Brevitas (DataLoader, per-sample transforms, PGD inline)",
              f"{results['plain_img_per_s']:.1f}", "1.00x"],
-            ["rcdeploy fit", f"{results['rcdeploy_img_per_s']:.1f}", f"{results['ratio']:.2f}x"]]
-    print(f"\nResNet-20 w{BITS}, PGD-{steps} AT, batch {batch_size}, {chunks}x{batches - 1} timed batches each, "
+            ["rcdeploy fit", f"{results['rcdeploy_img_per_s']:.1f}",
+             f"{results['ratio']:.2f}x ({results['ratio_p25']:.2f}-{results['ratio_p75']:.2f})"]]
+    print(f"\nResNet-20 w{BITS}, PGD-{steps} AT, batch {batch_size}, {batches - 1} timed batches each, "
           f"{threads} torch threads")
     print(common.text_table(headers, rows))
     goal = common.goal_line("training speed vs the plain loop", results["ratio"], 1.5)
@@ -304,7 +306,7 @@ def run(*, chunks: int, batches: int, batch_size: int, steps: int, threads: int 
 
 def markdown(r: dict[str, Any], headers: list, rows: list) -> str:
     ctx = r["context_img_per_s"]
-    per = ", ".join(f"{v:.2f}x" for v in r["ratio_per_chunk"])
+    per = ", ".join(f"{v:.2f}" for v in r["pair_ratios"])
     prof = ", ".join(f"`{k}` {100 * v:.0f}%" for k, v in r["torch_profile_w4_fwd_bwd"][:5])
     fl, q4, q4in = ctx["float fwd+bwd"], ctx["w4 fwd+bwd"], ctx["w4 input-grad (eval, frozen)"]
     return "\n".join([
@@ -313,13 +315,15 @@ def markdown(r: dict[str, Any], headers: list, rows: list) -> str:
         f"{' --quick (smoke run, not for quoting)' if r['quick'] else ''}.", "",
         f"ResNet-20, {r['bits']}-bit weights / 8-bit activations (the same Brevitas model in both), CIFAR-10 slice, "
         f"PGD-{r['pgd_steps']} adversarial training (eps 8/255, step 2/255, random start), batch {r['batch_size']}, "
-        f"SGD; {r['torch_threads']} torch threads. The two loops alternate in {r['chunks']} chunks of "
-        f"{r['batches_per_chunk']} batches (first batch of each chunk untimed). The plain loop: a Dataset whose "
-        "`__getitem__` crops and flips each image, `DataLoader(shuffle=True, num_workers=0)`, `model.train()`, PGD "
-        "written inline with `loss.backward()` and `delta.grad`. rcdeploy: `rcdeploy.train.loop.fit` "
-        "(recipe cifar10-resnet20-w4), timed between its per-batch callbacks.", "",
+        f"SGD; {r['torch_threads']} torch thread(s). The two loops alternate batch by batch ({r['batches'] - 1} timed "
+        "pairs after one warm-up pair): `rcdeploy.train.loop.fit` (recipe cifar10-resnet20-w4) is timed between its "
+        "per-batch reporter callbacks, and each callback runs one batch of the plain loop outside that timing, so "
+        "a change of machine load hits both loops. The plain loop: a Dataset whose `__getitem__` crops and flips "
+        "each image, `DataLoader(shuffle=True, num_workers=0)`, `model.train()`, PGD written inline with "
+        "`loss.backward()` and `delta.grad`. The ratio is the median over batch pairs of plain time / rcdeploy time.",
+        "",
         common.markdown_table(headers, rows),
-        f"Per-chunk ratios: {per}. {r['goal']}.", "",
+        f"Pair ratios: {per} (ratio of total times: {r['ratio_of_totals']:.2f}x). {r['goal']}.", "",
         "What limits it (same run, batch of the table, img/s of one pass, interleaved): float ResNet-20 "
         f"forward+backward {fl:.0f} img/s; the same with 4-bit Brevitas layers {q4:.0f} img/s ({fl / q4:.1f}x "
         f"slower: fake quantization of weights and activations in every layer); an input-only gradient in eval "
