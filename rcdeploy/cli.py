@@ -58,7 +58,8 @@ def _key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
 
 
 @cli.command()
-@click.option("--config", "recipe", help="Recipe YAML (path or bundled name); default: the quick-start recipe.")
+@click.option("--config", "recipe", help="Recipe YAML (path or bundled name); default: the quick-start recipe "
+              "when neither --dataset nor --model names something else, else the generic defaults.")
 @click.option("--model", help="Model name (e.g. small_cnn, resnet20, preact_resnet18, mobilenetv2, en5resnet20).")
 @click.option("--width", type=float, help="Channel width multiplier.")
 @click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, svhn or folder:PATH.")
@@ -98,7 +99,7 @@ def _key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
 @click.option("--json", "json_path", help="Write the final metrics as JSON to FILE ('-' for stdout).")
 def train(recipe: str | None, resume: str | None, json_path: str | None, **overrides: Any) -> None:
     """Adversarial quantization-aware training; writes runs/NAME/{best.pt,last.pt,metrics.jsonl,config.yaml}."""
-    from rcdeploy.config import make_config
+    from rcdeploy.config import default_recipe, make_config
     from rcdeploy.train.loop import fit
     from rcdeploy.train.progress import RichReporter
 
@@ -107,7 +108,7 @@ def train(recipe: str | None, resume: str | None, json_path: str | None, **overr
     if resume is not None:
         cfg = make_config(None, {"epochs": overrides.get("epochs"), "device": overrides.get("device")})
     else:
-        cfg = make_config(recipe or "quickstart", overrides)
+        cfg = make_config(recipe or default_recipe(overrides), overrides)
     console = _console()
     with RichReporter(console) as reporter:
         result = fit(cfg, resume=resume, reporter=reporter)

@@ -152,6 +152,14 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def default_recipe(overrides: dict[str, Any]) -> str | None:
+    """The base recipe when none is named: the quick-start while the task is the quick-start's (digits,
+    its model); naming another dataset or model starts from the generic defaults, so digits-tuned
+    settings (epochs, pruning) never leak into, say, a CIFAR run."""
+    quick = overrides.get("dataset") in (None, "digits") and overrides.get("model") in (None, "small_cnn")
+    return "quickstart" if quick else None
+
+
 def make_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < recipe < overrides (None values in overrides are ignored)."""
     values: dict[str, Any] = load_recipe(recipe) if recipe is not None else {}

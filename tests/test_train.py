@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rcdeploy.cli import main
-from rcdeploy.config import load_recipe, make_config, recipe_path
+from rcdeploy.config import default_recipe, load_recipe, make_config, recipe_path
 from rcdeploy.errors import UsageError
 from rcdeploy.train.checkpoint import atomic_save, load_checkpoint, load_model
 from rcdeploy.train.loop import Reporter, fit
@@ -179,3 +179,13 @@ def test_cifar_models_train_a_step_on_real_cifar_images(shared_data):
     loss.backward()
     assert torch.isfinite(loss) and logits.shape == (16, 10)
     assert model.stem[1][0].weight.grad.abs().sum() > 0
+
+
+def test_quickstart_base_only_for_the_quickstart_task():
+    """`--dataset cifar10` must not inherit the digits quick-start's pruning or epochs."""
+    quick = make_config(default_recipe({}), {})
+    assert quick.prune_channels == 0.5 and quick.epochs == load_recipe("quickstart")["epochs"]
+    assert default_recipe({"epochs": 3}) == "quickstart"
+    cifar = {"dataset": "cifar10", "model": "resnet20"}
+    cfg = make_config(default_recipe(cifar), cifar)
+    assert cfg.prune_channels == 0 and cfg.eps is None and cfg.dataset == "cifar10"
