@@ -23,6 +23,7 @@ from rcdeploy.data import load_dataset
 from rcdeploy.errors import UsageError, VerificationError
 from rcdeploy.export.api import export_checkpoint
 from rcdeploy.export.qdq import build_qdq
+from rcdeploy.export.shrink import zero_channels
 from rcdeploy.export.verify import optimized_graph, verify_onnx
 from rcdeploy.models import create_model
 from rcdeploy.quant.calibrate import calibrate_activations
@@ -77,6 +78,8 @@ def make_checkpoint(path: Path, data, name: str, bits: int, *, width: float | No
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
+        if zero:  # a fixed mask, as in training's fine-tune phase: the rest of the net adapts to it
+            zero_channels(model, zero)
         idx = torch.randint(0, len(data.train), (64,), generator=gen)
         loss = torch.nn.functional.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
         opt.zero_grad()
@@ -84,8 +87,6 @@ def make_checkpoint(path: Path, data, name: str, bits: int, *, width: float | No
         opt.step()
     model.eval()
     if zero:
-        from rcdeploy.export.shrink import zero_channels
-
         zero_channels(model, zero)
     with torch.no_grad():
         acc = float((model(data.val.x).argmax(1) == data.val.y).float().mean())
@@ -379,3 +380,21 @@ def test_mobilenetv2_depthwise_exports_to_integer_kernels(digits) -> None:
     assert opt["QLinearAdd"] == ops_of(ex.model)["Add"] > 0
     rep = verify_onnx(ex.to_bytes(), model, digits.val.x, min_agreement=0.0)
     assert rep["mean_abs_logit_diff"] < 0.05 * rep["logit_range"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_resnet20_prune_channels_including_residual_coupled(bits, digits, tmp_path) -> None:
+    """ResNet-20 with block-internal channels and a channel of a residual-coupled stage removed."""
+    zero = {f"blocks.{b}.conv1.0": list(range(0, 8 if b < 3 else 16, 2)) for b in range(9)}
+    zero["blocks.0.conv2.0"] = [1]  # the whole stage-0 group (stem + every conv2 of the stage) loses channel 1
+    ckpt = make_checkpoint(tmp_path / "r.pt", digits, "resnet20", bits, width=0.5, steps=60, zero=zero)
+    full, small = tmp_path / "full.onnx", tmp_path / "small.onnx"
+    export_checkpoint(ckpt, output=full)
+    summary = export_checkpoint(ckpt, prune_channels=True, output=small)
+    kept = json.loads((tmp_path / "small.json").read_text())["channels_kept"]
+    assert kept["blocks.0.conv1.0"] == 4 and kept["blocks.0.conv2.0"] == 7 and kept["stem.1.0"] == 7
+    totals = summary["pruning"]["totals"]
+    assert totals["macs_after"] < 0.8 * totals["macs_before"]
+    assert small.stat().st_size < full.stat().st_size
+    assert summary["verification"]["top1_agreement"] >= 0.995
+    assert summary["kernels"]["integer_mac_share"] == 1.0 and summary["kernels"]["float_conv_nodes"] == 0
