@@ -516,6 +516,12 @@ def limits(net: str, res: dict[str, Any], prof: dict[str, Any], binfo: dict[str,
         p = prof.get(name, {}).get("b64_1t")
         if p:
             out.append(f"{name}, integer convs by output channels (b64/1t profile; stem = first conv, 1-3 input channels): " + by_channels(p))
+    sc = {n: res["b64/1t"]["models"][n]["latency"]["median_of_round_medians"]
+          / res[GOAL_B64]["models"][n]["latency"]["median_of_round_medians"]
+          for n in ("fp32", "rcdeploy w8", "rcdeploy w8 -50%ch", f"rcdeploy w8 -50%ch x{MULTIPLE}")
+          if n in res[GOAL_B64]["models"]}
+    out.append(f"speed-up from 1 to {res[GOAL_B64]['threads']} threads at b64 ({GOAL_B64} vs b64/1t): " + ", ".join(
+        f"{n} {v:.2f}x" for n, v in sc.items()) + f", int8 GEMM limit {scaling_limit(res):.2f}x")
     if "b64/all" in res and "b64/all nospin" in res:
         def spin_cost(name: str) -> float:
             a = res["b64/all"]["models"][name]["latency"]["median_of_round_medians"]
@@ -553,6 +559,36 @@ def _channel_buckets(p: dict[str, Any]) -> dict[Any, tuple[float, float]]:
     return {k: (64 * m / t / 1e9, t / total) for k, (m, t) in acc.items()}
 
 
+def bucket_scaling(one: dict[str, Any], many: dict[str, Any]) -> str:
+    """Per output-channel bucket: conv time with 1 thread / with all threads, from the two b64 profiles."""
+    a, b = _channel_buckets(one), _channel_buckets(many)
+    parts, slow = [], []
+    for k in sorted(a, key=lambda k: (not isinstance(k, int), str(k).zfill(6))):
+        if k in b and b[k][0] > 0:
+            name = {"stem": "the stem conv", "dw": "depthwise convs"}.get(k, f"{k}-channel convs")
+            parts.append(f"{name} {b[k][0] / a[k][0]:.2f}x")
+            if b[k][0] / a[k][0] < 1.5:
+                slow.append(name)
+
+    def other(p: dict[str, Any]) -> float:
+        conv = sum(n.get("s", 0.0) for n in p["conv_gemm_nodes"].values())
+        return max(p["kernel_time_s"] - conv, 1e-12)
+
+    o = other(one) / other(many)
+    parts.append(f"all other kernels {o:.2f}x")
+    if o < 1.5:
+        slow.append("the other kernels (adds, pooling, quantize, transposes)")
+    text = ", ".join(parts)
+    if slow:
+        text += "; " + " and ".join(slow) + " gain little from extra threads"
+    return text
+
+
+def scaling_limit(res: dict[str, Any]) -> float:
+    """Speed-up of the int8 GEMM limit from b64/1t to the b64 goal setting (same rounds as the models)."""
+    return res[GOAL_B64]["int8_limit_gmacs"] / res["b64/1t"]["int8_limit_gmacs"]
+
+
 def misses(net: str, figures: dict[str, Any], res: dict[str, Any], prof: dict[str, Any],
            binfo: dict[str, Any]) -> list[str]:
     """For each goal this network misses: by how much, and what the same run's profile says limits it."""
@@ -568,6 +604,17 @@ def misses(net: str, figures: dict[str, Any], res: dict[str, Any], prof: dict[st
                    f"against a session.run floor of {_ms(floor)}: at this size, per-kernel fixed costs (quantize the "
                    "input, layout transposes, pooling, the head) weigh as much as the MACs, so integer arithmetic "
                    "cannot give its full factor")
+    def scaling(name: str) -> float:
+        one = res["b64/1t"]["models"][name]["latency"]["median_of_round_medians"]
+        return one / res[GOAL_B64]["models"][name]["latency"]["median_of_round_medians"]
+
+    threads = res[GOAL_B64]["threads"]
+    if f["w8_b64"] is not None and f["w8_b64"] < 2.2:
+        out.append(f"w8 at {GOAL_B64} is {f['w8_b64']:.2f}x fp32 (goal 2.2x; {f['w8_b64_1t']:.2f}x at b64/1t): going "
+                   f"from 1 to {threads} threads speeds fp32 up {scaling('fp32'):.2f}x but the integer graph only "
+                   f"{scaling('rcdeploy w8'):.2f}x (the int8 GEMM limit: {scaling_limit(res):.2f}x). Per layer "
+                   f"(profiles at 1 and {threads} threads, GMAC/s ratio): "
+                   f"{bucket_scaling(prof['rcdeploy w8']['b64_1t'], prof['rcdeploy w8']['b64'])}")
     half_b1 = prof.get("rcdeploy w8 -50%ch", {}).get("b1")
     if half_b1 and (f["w8p_b1"] or 0) < 3.5 <= (f["w8p_b64"] or 0):
         out.append(f"w8 -50%ch is {f['w8p_b1']:.2f}x fp32 at b1 (goal 3.5x; {f['w8p_b64']:.2f}x at b64): at batch 1 "
@@ -592,6 +639,9 @@ def misses(net: str, figures: dict[str, Any], res: dict[str, Any], prof: dict[st
                      f"reach {b[fast][0]:.0f} GMAC/s")
         if "dw" in b:
             text += f"; depthwise convs run at {b['dw'][0]:.0f} GMAC/s ({100 * b['dw'][1]:.0f}% of conv time)"
+        text += (f"; from 1 to {threads} threads it speeds up {scaling('rcdeploy w8 -50%ch'):.2f}x "
+                 f"(fp32 {scaling('fp32'):.2f}x; per layer: "
+                 f"{bucket_scaling(pr, prof['rcdeploy w8 -50%ch']['b64'])})")
         if f.get("w8p16_b64") is not None:
             text += (f". Keeping a multiple of {MULTIPLE} channels per group (shrink_model(channel_multiple="
                      f"{MULTIPLE}), fewer channels removed) gives {f['w8p16_b1']:.2f}x at b1 and {f['w8p16_b64']:.2f}x "
@@ -606,10 +656,12 @@ def misses(net: str, figures: dict[str, Any], res: dict[str, Any], prof: dict[st
             if "dw" in b:
                 text += (f": depthwise convs run at {b['dw'][0]:.0f} GMAC/s and take {100 * b['dw'][1]:.0f}% of conv "
                          "time (one input channel per output: no reduction to vectorize over)")
-            slow = [k for k in b if k not in ("dw", "stem") and b[k][0] < 120 and b[k][1] >= 0.05]
-            if slow:
-                text += "; narrow convs below 120 GMAC/s: " + ", ".join(
-                    f"{k} ch {b[k][0]:.0f} GMAC/s ({100 * b[k][1]:.0f}% of time)" for k in sorted(slow))
+            text += (f". Per layer at b64/1t the convs run at: {by_channels(p)}, against a limit of "
+                     f"{res['b64/1t']['int8_limit_gmacs']:.0f} GMAC/s; and the non-conv kernels take "
+                     f"{100 * (1 - sum(n.get('s', 0.0) for n in p['conv_gemm_nodes'].values()) / p['kernel_time_s']):.0f}%"
+                     " of kernel time")
+            if f["w8_int8_limit_fraction"] < f["w8_int8_limit_fraction_1t"]:
+                text += f"; with {threads} threads the graph scales less than the GEMM (see the thread line below)"
         out.append(text)
     by = binfo.get("bytes_by_dtype", {}).get("rcdeploy w4")
     if f["w4_over_w8_size"] > 0.55 and by:
