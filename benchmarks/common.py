@@ -454,7 +454,8 @@ def goal_line(name: str, value: float | None, goal: float, *, higher: bool = Tru
     if ok:
         verdict = "met"
     elif higher:
-        verdict = f"MISSED: at {100 * value / goal:.0f}% of the goal"
+        pct = 100 * value / goal
+        verdict = f"MISSED: at {pct:.1f}% of the goal" if pct >= 99.5 else f"MISSED: at {pct:.0f}% of the goal"
     else:
         verdict = f"MISSED: {100 * (value / goal - 1):.1f}% over the goal"
     return f"{name}: {value:.3g}{unit} (goal {'>=' if higher else '<='} {goal:g}{unit}): {verdict}"
