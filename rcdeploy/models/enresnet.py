@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from rcdeploy.models.common import InputStem, PoolHead
-from rcdeploy.models.preact_resnet import PreActBlock
+from rcdeploy.models.preact_resnet import PreActBlock, preact_stages
 from rcdeploy.models.registry import register_model
 from rcdeploy.quant.spec import QuantSpec
 
@@ -83,14 +83,7 @@ class NoisyPreActBlock(PreActBlock):
     """PreActBlock with the Feynman-Kac noise after the residual add, before the residual re-quantizer."""
 
     def __init__(self, quant: QuantSpec, in_ch: int, out_ch: int, stride: int, noise: float) -> None:
-        super().__init__(quant, in_ch, out_ch, stride)
-        self.noise = FeynmanKacNoise(noise) if noise > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu1(self.bn1(x))
-        shortcut = self.shortcut(pre) if self.shortcut is not None else x
-        out = self.conv2(self.relu2(self.bn2(self.conv1(pre))))
-        return self.out_quant(self.noise(out + shortcut))
+        super().__init__(quant, in_ch, out_ch, stride, noise=FeynmanKacNoise(noise) if noise > 0 else None)
 
 
 class PreActResNetMember(nn.Module):
@@ -104,13 +97,8 @@ class PreActResNetMember(nn.Module):
         k = (depth - 2) // 6
         widths = [max(1, round(c * width)) for c in (16, 32, 64)]
         self.stem = nn.Sequential(quant.conv(in_chans, widths[0], 3), quant.act_signed())
-        blocks: list[nn.Module] = []
-        in_ch = widths[0]
-        for stage, out_ch in enumerate(widths):
-            for i in range(k):
-                blocks.append(NoisyPreActBlock(quant, in_ch, out_ch, 2 if stage > 0 and i == 0 else 1, noise))
-                in_ch = out_ch
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks, in_ch = preact_stages(quant, widths[0], widths, (k, k, k),
+                                           lambda *a: NoisyPreActBlock(*a, noise=noise))
         self.bn = nn.BatchNorm2d(in_ch)
         self.relu = quant.relu()
         self.head = PoolHead(in_ch, num_classes, quant)
