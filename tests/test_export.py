@@ -24,10 +24,11 @@ from rcdeploy.errors import UsageError, VerificationError
 from rcdeploy.export.api import export_checkpoint
 from rcdeploy.export.qdq import build_qdq
 from rcdeploy.export.shrink import zero_channels
-from rcdeploy.export.verify import optimized_graph, verify_onnx
+from rcdeploy.export.verify import verify_onnx
 from rcdeploy.models import create_model
 from rcdeploy.quant.calibrate import calibrate_activations
 from rcdeploy.quant.spec import QuantSpec
+from rcdeploy.runtime.session import optimized_graph
 from rcdeploy.train.checkpoint import FORMAT, VERSION, atomic_save, load_model, model_spec
 
 INTEGER_CONV = {"QLinearConv", "NhwcQLinearConv", "ConvInteger"}

@@ -262,9 +262,9 @@ def test_composition_trains_and_exports(tmp_path, capsys):
         export_checkpoint(run / "best.pt", prune_channels=True, output=tmp_path / "m.onnx")
     # The integer graph of the noise-free, shrunk ensemble (what `export --no-noise --prune-channels`
     # writes): it runs in onnxruntime and its logits match PyTorch's within a few output steps.
-    from rcdeploy.deploy.session import open_session, run_logits
     from rcdeploy.export.api import _shrink, _strip_noise
     from rcdeploy.export.qdq import build_qdq
+    from rcdeploy.runtime.session import open_session, run_logits
     from rcdeploy.train.checkpoint import load_model
 
     model, _ = load_model(run / "best.pt")

@@ -17,7 +17,8 @@ from _deploy_models import build_all, digits
 from onnx import TensorProto, numpy_helper
 
 from rcdeploy.deploy.inspect import inspect_model
-from rcdeploy.deploy.session import (
+from rcdeploy.errors import UsageError
+from rcdeploy.runtime.session import (
     TARGETS,
     input_spec,
     load_model_proto,
@@ -25,7 +26,6 @@ from rcdeploy.deploy.session import (
     run_logits,
     widen_low_bit_initializers,
 )
-from rcdeploy.errors import UsageError
 
 # Hand count for TinyResNet on 1x8x8 (width 16), batch 1: output elements x Cin x kh x kw.
 HAND_MACS = (

@@ -18,9 +18,9 @@ from _deploy_models import build_all, digits, export_fp32, quantize
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from rcdeploy.deploy.session import open_session, run_logits
 from rcdeploy.deploy.twin import OnnxTwin, build_twin, supported_ops
 from rcdeploy.errors import UsageError
+from rcdeploy.runtime.session import open_session, run_logits
 
 VARIANTS = ["fp32", "qdq_u8s8", "qdq_s8s8", "qop_u8s8", "qdq_int4"]
 QUANTIZED = VARIANTS[1:]

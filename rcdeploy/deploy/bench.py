@@ -169,7 +169,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def _ort_preds(session: Any, x: np.ndarray, draws: int) -> tuple[np.ndarray, int]:
     """Top-1 predictions [draws, N] of onnxruntime, and the number of logits per image."""
-    from rcdeploy.deploy.session import run_logits
+    from rcdeploy.runtime.session import run_logits
 
     preds, classes = [], 0
     for _ in range(draws):
@@ -311,7 +311,7 @@ def bench_model(
     """
     t_start = time.perf_counter()
     from rcdeploy.attacks import DEFAULT_STEP_FRACTION, parse_attacks
-    from rcdeploy.deploy.session import get_target, load_model_proto, open_session
+    from rcdeploy.runtime.session import get_target, load_model_proto, open_session
 
     path = Path(model)
     profile = get_target(target)
@@ -440,7 +440,7 @@ def bench_model(
                              "what a deterministic graph would give")
 
         def ort_model(x: torch.Tensor) -> torch.Tensor:
-            from rcdeploy.deploy.session import run_logits
+            from rcdeploy.runtime.session import run_logits
 
             return torch.from_numpy(run_logits(session, x.detach().cpu().numpy(), batch_size=EVAL_BATCH))
 

@@ -20,8 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from rcdeploy.deploy.session import load_model_proto, open_session
 from rcdeploy.errors import UsageError
+from rcdeploy.runtime.session import load_model_proto, open_session
 
 __all__ = ["GraphReport", "inspect_model", "INTEGER_OPS"]
 

@@ -124,7 +124,7 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
     """
     import onnxruntime as ort
 
-    from rcdeploy.deploy.session import get_target, input_spec, load_model_proto, open_session
+    from rcdeploy.runtime.session import get_target, input_spec, load_model_proto, open_session
 
     profile = get_target(target)
     baseline = _status_kib("VmRSS")

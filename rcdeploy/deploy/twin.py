@@ -14,6 +14,11 @@ computes what onnxruntime computes, node by node:
 - The QOperator forms onnxruntime's quantizer writes (QLinearConv, QGemm, QLinearAdd, ...) are
   computed as dequantize -> float op -> quantize, which is what their integer kernels compute
   up to float rounding of the requantization scale.
+- `isa="avx2"` adds what x86 CPUs without VNNI compute differently: the int16 saturation of
+  neighbouring u8 x s8 product pairs (`rcdeploy.runtime.u8s8`), in every kernel onnxruntime runs
+  that way: QOperator nodes directly, QDQ nodes where onnxruntime's optimized graph fuses them into
+  such a kernel. The saturation error is added as a constant for the gradient (the gradient is the
+  exact op's). The default is what this CPU does, so the twin matches onnxruntime here.
 
 Why not onnx2torch: version 1.5.15 (checked by installing it into a scratch directory) converts
 none of QuantizeLinear, DequantizeLinear, QLinearConv, QLinearMatMul, MatMulInteger,
@@ -36,8 +41,10 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from rcdeploy.deploy.session import load_model_proto
 from rcdeploy.errors import UsageError
+from rcdeploy.runtime import u8s8
+from rcdeploy.runtime.cpu import resolve_isa
+from rcdeploy.runtime.session import load_model_proto
 
 __all__ = ["OnnxTwin", "build_twin", "supported_ops"]
 
@@ -272,6 +279,42 @@ def _requantize(tw: OnnxTwin, node: _Node, ins: list, y: torch.Tensor, s_i: int)
     return _quantize(y, ins[s_i], 0.0 if zp is None else zp, _qtype(tw, node, s_i + 1), tw.ste)
 
 
+def _saturates(tw: OnnxTwin, node: _Node, act_zp: int, weight: int) -> bool:
+    """Whether this u8 x s8 node saturates pair sums under the twin's isa (int8 x int8 and any uint8
+    weight are exact; see rcdeploy.runtime.u8s8)."""
+    if tw.isa != "avx2":
+        return False
+    act = tw._types.get(node.inputs[act_zp], TensorProto.UINT8) if act_zp < len(node.inputs) else TensorProto.UINT8
+    return act == TensorProto.UINT8 and tw._types.get(node.inputs[weight]) == TensorProto.INT8
+
+
+def _conv_saturation(node: _Node, codes: torch.Tensor, zp: float, w_int: torch.Tensor) -> torch.Tensor | None:
+    """Pair-saturation error of a conv in integer units [N, M, OH, OW] (None: exact)."""
+    if codes.dim() != 4:
+        return None  # 1-d / 3-d integer convolutions: not emulated (onnxruntime runs them rarely)
+    kernel = list(w_int.shape[2:])
+    strides = list(node.attrs.get("strides", [1, 1]))
+    dil = list(node.attrs.get("dilations", [1, 1]))
+    pads = _pads(node, codes.shape[2:], kernel, strides, dil)
+    return u8s8.conv_pair_saturation(codes, zp, w_int, strides=strides, pads=pads, dilations=dil,
+                                     group=int(node.attrs.get("group", 1)))
+
+
+def _rows_saturation(codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """Pair-saturation error of [N, K] codes times [M, K] weights: [N, M] (None: exact)."""
+    err = u8s8.pair_saturation(codes.reshape(-1, codes.shape[-1], 1), rows)
+    return None if err is None else err.reshape(*codes.shape[:-1], rows.shape[0])
+
+
+def _per_channel(scale: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
+    s = _num(scale).reshape(-1)
+    if s.numel() == 1:
+        return s.reshape(())
+    shape = [1] * rank
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
 @_op("QLinearConv")
 @_op("QLinearConv", domain=_MS)
 def _qlinear_conv(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
@@ -279,18 +322,30 @@ def _qlinear_conv(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     b = _arg(ins, 8)
     if b is not None:
         b = (_num(b) * (ins[1].reshape(-1) * ins[4].reshape(-1))).to(torch.float32)
-    if node.attrs.get("channels_last", 0):
+    last = bool(node.attrs.get("channels_last", 0))
+    if last:
         x = x.movedim(-1, 1)
-        y = _conv(node, x, w, b)
-        return _requantize(tw, node, ins, y, 6).movedim(1, -1)
-    return _requantize(tw, node, ins, _conv(node, x, w, b), 6)
+    y = _conv(node, x, w, b)
+    if _saturates(tw, node, 2, 3):
+        codes = ins[0].movedim(-1, 1) if last else ins[0]
+        zp = float(_num(ins[2]).reshape(-1)[0]) if _arg(ins, 2) is not None else 0.0
+        err = _conv_saturation(node, codes, zp, _num(ins[3]))
+        if err is not None:
+            y = y + (err * _num(ins[1]).reshape(()) * _per_channel(ins[4], 4, 1)).to(y.dtype)
+    y = _requantize(tw, node, ins, y, 6)
+    return y.movedim(1, -1) if last else y
 
 
 @_op("QLinearMatMul")
 def _qlinear_matmul(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     a = _dequantize(ins[0], ins[1], _num(ins[2]))
     b = _dequantize(ins[3], ins[4], _num(ins[5]))  # per-column (1-D, length N) broadcasts on the last axis
-    return _requantize(tw, node, ins, torch.matmul(a, b), 6)
+    y = torch.matmul(a, b)
+    if _saturates(tw, node, 2, 3) and ins[3].dim() == 2:
+        err = _rows_saturation(ins[0], _num(ins[3]).T)
+        if err is not None:
+            y = y + (err * _num(ins[1]).reshape(()) * _num(ins[4]).reshape(-1)).to(y.dtype)
+    return _requantize(tw, node, ins, y, 6)
 
 
 @_op("QGemm", domain=_MS)
@@ -310,6 +365,11 @@ def _qgemm(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     if trans_b:
         b = b.transpose(-1, -2)
     y = a @ b
+    if _saturates(tw, node, 2, 3) and not node.attrs.get("transA", 0) and ins[0].dim() == 2:
+        rows = _num(b_raw) if trans_b else _num(b_raw).T
+        err = _rows_saturation(ins[0], rows)
+        if err is not None:
+            y = y + (err * _num(ins[1]).reshape(()) * _num(ins[4]).reshape(-1)).to(y.dtype)
     c = _arg(ins, 6)
     if c is not None:
         y = y + (_num(c) * (ins[1].reshape(-1) * ins[4].reshape(-1))).to(torch.float32)
@@ -367,7 +427,12 @@ def _matmul_integer(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
         a = a - (_num(a_zp).reshape(-1, 1) if a_zp.numel() > 1 else _num(a_zp).reshape(()))
     if b_zp is not None:
         b = b - _num(b_zp).reshape(()) if b_zp.numel() == 1 else b - _num(b_zp)
-    return torch.matmul(a, b)
+    y = torch.matmul(a, b)
+    if _saturates(tw, node, 2, 1) and ins[0].dim() == 2 and ins[1].dim() == 2:
+        err = _rows_saturation(ins[0], _num(ins[1]).T)
+        if err is not None:
+            y = y + err.to(y.dtype)
+    return y
 
 
 @_op("MatMulIntegerToFloat", domain=_MS)
@@ -942,6 +1007,93 @@ def _random_uniform_like(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     return torch.rand_like(x, dtype=torch.float32) * (high - low) + low
 
 
+# ------------------------------------------------------------- u8 x s8 saturation of fused QDQ nodes
+
+
+@dataclass
+class _IntWeight:
+    """A constant int8 weight as a DequantizeLinear read it."""
+
+    codes: torch.Tensor  # integer values (float carrier)
+    scale: torch.Tensor
+    axis: int
+
+    def key(self) -> tuple:
+        return _weight_key(self.codes.to(torch.int64).numpy())
+
+
+def _weight_key(values: np.ndarray) -> tuple:
+    return (tuple(values.shape), values.astype(np.int8).tobytes())
+
+
+@dataclass
+class _QdqSaturation:
+    """How to add the pair-saturation error to a float Conv / Gemm / MatMul that onnxruntime runs as a
+    u8 x s8 kernel: the activation codes (the input of its DequantizeLinear) and the weight integers."""
+
+    codes: str  # name of the uint8 activation tensor
+    zp: float
+    x_scale: float
+    weight: _IntWeight
+
+    def apply(self, node: _Node, codes: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.weight.codes.to(torch.float64)
+        if node.op == "Conv":
+            err = _conv_saturation(node, codes, self.zp, w)
+            scale = _per_channel(self.weight.scale, 4, 1)
+        else:
+            trans = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
+            if codes.dim() != 2 or w.dim() != 2 or (node.op == "Gemm" and node.attrs.get("transA", 0)):
+                return y
+            err = _rows_saturation(codes, w if trans else w.T)
+            scale = _num(self.weight.scale).reshape(-1)
+            scale = scale * float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else scale
+        if err is None:
+            return y
+        # A constant for the gradient: backward is the exact op's (the saturated pairs' own gradient is 0).
+        return y + (err * self.x_scale * scale).to(y.dtype).detach()
+
+
+def _qdq_saturating_nodes(model: onnx.ModelProto, live: list[_Node], weights: dict[str, _IntWeight],
+                          types: dict[str, int], consts: dict[str, torch.Tensor]) -> dict[int, _QdqSaturation]:
+    """The live Conv / Gemm / MatMul nodes that onnxruntime fuses into a u8 x s8 kernel whose pairs can
+    saturate, found on its optimized graph by node name (onnxruntime keeps it as a prefix) or by weight."""
+    from rcdeploy.runtime.session import optimized_graph
+
+    opt = optimized_graph(model)
+    inits = {t.name: t for t in opt.graph.initializer}
+    names: set[str] = set()
+    keys: set[tuple] = set()
+    for n in opt.graph.node:
+        check = u8s8.check_node(n, inits)
+        # ConvInteger: held to the static bound, but onnxruntime computes it exactly (measured).
+        if check is None or check.form != "u8s8" or not check.can_saturate or n.op_type == "ConvInteger":
+            continue
+        names.add(n.name)
+        w = inits[n.input[u8s8.KERNELS[n.op_type].weight]]
+        keys.add(_weight_key(numpy_helper.to_array(w)))
+    producers = {o: n for n in live for o in n.outputs}
+    out: dict[int, _QdqSaturation] = {}
+    for i, node in enumerate(live):
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] not in weights:
+            continue
+        dq = producers.get(node.inputs[0])
+        if dq is None or dq.op != "DequantizeLinear" or len(dq.inputs) < 2:
+            continue
+        zp_name = dq.inputs[2] if len(dq.inputs) > 2 else ""
+        if zp_name and types.get(zp_name) != TensorProto.UINT8:
+            continue  # int8 activations: exact (rcdeploy.runtime.u8s8)
+        w = weights[node.inputs[1]]
+        fused = bool(node.name) and any(k == node.name or k.startswith(node.name + "_") for k in names)
+        if not (fused or w.key() in keys):
+            continue
+        scale, zp = consts.get(dq.inputs[1]), consts.get(zp_name) if zp_name else torch.zeros(())
+        if scale is None or zp is None or scale.numel() != 1 or zp.numel() != 1:
+            continue  # per-channel or computed activation parameters: not a fusable QDQ unit
+        out[i] = _QdqSaturation(dq.inputs[0], float(zp.reshape(())), float(scale.reshape(())), w)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the twin
 
 
@@ -978,11 +1130,13 @@ class OnnxTwin(nn.Module):
     mean, for a deterministic twin of a noise-injecting model.
     """
 
-    def __init__(self, model: onnx.ModelProto | str | Path, *, ste: bool = True, noise: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto | str | Path, *, ste: bool = True, noise: bool = True,
+                 isa: str | None = None) -> None:
         super().__init__()
         if not isinstance(model, onnx.ModelProto):
             model = load_model_proto(model)  # the one place files are parsed and checked
         self.ste, self.noise = ste, noise
+        self.isa = resolve_isa(isa)
         graph = model.graph
         opsets = {imp.domain or _STD: imp.version for imp in model.opset_import}
         self.opset = int(opsets.get(_STD, opsets.get("ai.onnx", 21)))
@@ -1030,6 +1184,7 @@ class OnnxTwin(nn.Module):
         # Fold every node whose inputs are all constants (weight dequantization, Constant,
         # shape arithmetic on constants): the forward pass then runs only what depends on x.
         live: list[_Node] = []
+        weights: dict[str, _IntWeight] = {}  # folded DequantizeLinear outputs -> their integers and scale
         with torch.no_grad():
             for node in nodes:
                 if node.op not in _NO_FOLD and all(not x or x in consts for x in node.inputs):
@@ -1037,6 +1192,9 @@ class OnnxTwin(nn.Module):
                     for name, value in zip(node.outputs, outs):
                         if name:
                             consts[name] = value
+                    if node.op == "DequantizeLinear" and self._types.get(node.inputs[0]) == TensorProto.INT8:
+                        weights[node.outputs[0]] = _IntWeight(consts[node.inputs[0]], consts[node.inputs[1]],
+                                                              int(node.attrs.get("axis", 1)))
                     if node.op == "Constant" and "value" in node.attrs:
                         self._types[node.outputs[0]] = node.attrs["value"].data_type
                     elif node.op in ("Identity", "Cast") and node.inputs[0] in self._types:
@@ -1045,6 +1203,9 @@ class OnnxTwin(nn.Module):
                 else:
                     live.append(node)
         self._nodes = live
+        self._qdq_saturation: dict[int, _QdqSaturation] = {}
+        if self.isa == "avx2":
+            self._qdq_saturation = _qdq_saturating_nodes(model, live, weights, self._types, consts)
 
         needed = {x for n in live for x in n.inputs if x} | set(self.output_names)
         self._const_attr: dict[str, str] = {}
@@ -1062,8 +1223,11 @@ class OnnxTwin(nn.Module):
         """Logits (the first graph output) for a float input batch."""
         env: dict[str, torch.Tensor] = {name: getattr(self, attr) for name, attr in self._const_attr.items()}
         env[self.input_name] = x.float()
-        for node in self._nodes:
+        for i, node in enumerate(self._nodes):
             outs = self._run_node(node, [env[n] if n else None for n in node.inputs])
+            sat = self._qdq_saturation.get(i)
+            if sat is not None:
+                outs[0] = sat.apply(node, env[sat.codes], outs[0])
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
@@ -1071,5 +1235,5 @@ class OnnxTwin(nn.Module):
 
 
 def build_twin(path_or_proto: onnx.ModelProto | str | Path, **kw: Any) -> OnnxTwin:
-    """An `OnnxTwin` in eval mode for a file or proto; `kw` go to the constructor (ste, noise)."""
+    """An `OnnxTwin` in eval mode for a file or proto; `kw` go to the constructor (ste, noise, isa)."""
     return OnnxTwin(path_or_proto, **kw).eval()

@@ -19,6 +19,7 @@ from rcdeploy.errors import UsageError, VerificationError
 from rcdeploy.io import atomic_write_files
 from rcdeploy.quant.presets import FLOAT, bits_name, parse_bits
 from rcdeploy.quant.spec import QuantSpec, layer_bits, weight_layers
+from rcdeploy.runtime.cpu import cpu_kind
 
 FORMATS = ("qdq", "qonnx", "ort")
 QONNX_CHECK_IMAGES = 8  # qonnx's executor runs node by node (~0.5 s per ResNet-20 image)
@@ -136,7 +137,7 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
     from rcdeploy.data import load_dataset
     from rcdeploy.export import sidecar
     from rcdeploy.export.qdq import STORAGES, build_qdq, bytes_by_dtype
-    from rcdeploy.export.verify import MIN_AGREEMENT, compare_logits, kernel_report, torch_logits, verify_onnx
+    from rcdeploy.export.verify import compare_logits, judge, kernel_report, torch_logits, verify_onnx
     from rcdeploy.train.checkpoint import load_model
 
     fmts = parse_formats(formats)
@@ -212,9 +213,16 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
             kernels["plain_onnxruntime_integer_mac_share"] = plain.get("integer_mac_share")
             if plain.get("integer_mac_share", 0.0) < kernels.get("integer_mac_share", 0.0):
                 notes.append(f"plain onnxruntime runs only {plain.get('integer_mac_share', 0.0):.1%} of MACs of the "
-                             "packed INT4 file in integer kernels; load it with rcdeploy.deploy.session.open_session "
+                             "packed INT4 file in integer kernels; load it with rcdeploy.runtime.session.open_session "
                              "or export with --storage int8")
         summary["kernels"] = kernels
+        pairs = kernels["int16_pairs"]
+        if not pairs["saturation_free"]:
+            worst = max((r for r in pairs["per_kernel"] if r["can_saturate"]), key=lambda r: r["worst_pair"] or 0)
+            raise VerificationError(
+                f"layer {worst['layer'] or worst['node']} ({worst['op']}) can saturate int16 pair sums on x86 CPUs "
+                f"without VNNI (worst |a_i w_i + a_j w_j| {worst['worst_pair']} > {pairs['limit']}; "
+                f"{len(pairs['can_saturate_layers'])} kernel(s) in all); nothing was written")
         if kernels["float_conv_nodes"] or kernels.get("integer_mac_share", 1.0) < 1.0:
             msg = (f"{kernels['float_conv_nodes']} float Conv node(s) remain in onnxruntime's optimized graph; "
                    f"{kernels.get('integer_mac_share', 0.0):.1%} of MACs run in integer kernels")
@@ -231,16 +239,16 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
                 "format": "onnx-qdq", "opset": 21, "bytes": len(qdq_bytes),
                 "bytes_by_dtype": bytes_by_dtype(ex.model), "storage": storage}
         if "ort" in fmts:
-            from rcdeploy.deploy.session import run_logits
             from rcdeploy.export.ort_format import check_ort_format, to_ort_format
+            from rcdeploy.runtime.session import run_logits
 
             ort_bytes, ort_config = to_ort_format(qdq_bytes, paths["ort"].name)
             session = check_ort_format(ort_bytes)
             xo = x_ver[:ORT_CHECK_IMAGES]
             ort_check = compare_logits(torch_logits(model, xo), run_logits(session, xo.numpy()), ex.logit_step)
-            if ort_check["top1_agreement"] < MIN_AGREEMENT or not ort_check["finite"]:
-                raise VerificationError(f"the .ort file agrees with PyTorch on {ort_check['top1_agreement']:.2%} of "
-                                        f"{len(xo)} images (required {MIN_AGREEMENT:.1%}); nothing was written")
+            failure = judge(ort_check)
+            if failure:
+                raise VerificationError(f"the .ort file: {failure}; nothing was written")
             summary["ort_verification"] = ort_check
             files[paths["ort"]] = ort_bytes
             files[paths["ort_config"]] = ort_config.encode()
@@ -267,6 +275,7 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
         "verification": {k: summary.get(k) for k in ("verification", "ort_verification", "qonnx_verification")
                          if k in summary},
         "kernels": summary.get("kernels"),
+        "exported_on": cpu_kind().to_dict(),
         "pruning": summary.get("pruning"),
         "ptq": summary.get("ptq"),
         "notes": notes,

@@ -25,7 +25,7 @@ def to_ort_format(model: bytes | onnx.ModelProto, ort_name: str = "model.ort") -
     """(.ort bytes, required-operators config text) for an ONNX model."""
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
-    from rcdeploy.deploy.session import widen_low_bit_initializers
+    from rcdeploy.runtime.session import widen_low_bit_initializers
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
     proto = widen_low_bit_initializers(proto)

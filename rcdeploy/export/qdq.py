@@ -5,8 +5,16 @@ slower than fp32, keeps every BatchNormalization as a float op, puts Clip nodes 
 (which stops onnxruntime from fusing them) and fixes the batch size at 1. Here every pattern is
 emitted in the exact form onnxruntime's QDQ selectors fuse into integer kernels:
 
-* activations are uint8: unsigned 8-bit with zero point 0, signed 8-bit with zero point 128 (U8S8,
-  the signedness x86 integer kernels run fastest); weights int8, per-output-channel scale, axis 0;
+* activations are uint8: unsigned 8-bit with zero point 0, signed 8-bit with zero point 128;
+  weights per-output-channel scale, axis 0, in one of two forms chosen per layer so that no kernel
+  can saturate on any CPU (`rcdeploy.runtime.u8s8`: x86 without VNNI adds neighbouring u8 x s8
+  products in int16 with saturation, so a pair must stay within 2 x 255 x 64 = 32,640):
+  - layers whose integers fit |w| <= 64 (7 bits and fewer: 4-bit, ternary, binary...) are int8 (U8S8,
+    the fastest x86 kernels, with or without VNNI), spread by k = 64 // max|w|;
+  - layers with wider integers (8-bit weights, e.g. the first conv and the classifier) are uint8 with
+    zero point 128 (U8U8): onnxruntime still fuses them into QLinearConv / QGemm and its u8 x u8
+    kernels accumulate exactly everywhere. The integers are the trained ones: nothing is rounded
+    to 7 bits behind the training's back;
 * Conv -> BatchNorm is folded exactly: the integers stay, the per-channel scale absorbs |gamma/sigma|,
   the sign of gamma/sigma flips the integers (safe: narrow range is symmetric), and the bias
   beta - gamma*mu/sigma is stored as int32 at scale x_scale * w_scale;
@@ -44,6 +52,7 @@ from rcdeploy.models.common import Normalize
 from rcdeploy.models.trace import trace
 from rcdeploy.quant.presets import FLOAT
 from rcdeploy.quant.spec import layer_bits
+from rcdeploy.runtime.u8s8 import SAFE_WEIGHT, worst_pair_sums
 
 OPSET = 21
 INPUT_NAME = "input"
@@ -69,9 +78,12 @@ class LayerInfo:
     groups: int
     params: int  # weights + bias values after BatchNorm folding
     macs: int  # per image
-    storage: str  # "int4" or "int8"
+    storage: str  # "int4", "int8" or "uint8"
     bn_folded: bool
     negative_bn_gains: int  # output channels whose integer signs were flipped by the fold
+    kernel_form: str = "u8s8"  # "u8s8": int8 weights; "u8u8": uint8 weights with zero point 128
+    weight_spread: int = 1  # k: the stored integers are the trained ones times k (scale / k)
+    worst_pair: int = 0  # max |a_i w_i + a_j w_j| over the stored integers, a in [0, 255] (u8u8: 0, exact)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,8 +255,28 @@ def _fold_bn(p: _Pending, bn: nn.BatchNorm2d) -> None:
     p.negative_gains = int((g < 0).sum())
 
 
-def _weight_tensor(b: _Builder, w_int: np.ndarray, k: int, bits: int, storage: str) -> tuple[str, str]:
-    """The int8 weight tensor a DequantizeLinear reads: w_int * k per output channel.
+_U8U8_ZERO_POINT = 128
+
+
+def _weight_form(max_int: int, conv_integer: bool) -> tuple[str, int]:
+    """("u8s8" | "u8u8", spread k) of a layer whose largest weight integer is `max_int`.
+
+    u8s8: every stored |w * k| <= SAFE_WEIGHT (64), so no int16 pair sum can saturate on x86 without
+    VNNI. Within that, the largest k: the int32 bias lives on the accumulator grid x_scale * w_scale / k,
+    and a k-times finer grid rounds it k times more finely (k = 9 at 4 bits, 64 ternary): that rounding
+    is the one error the integer graph adds to the PyTorch model. One k per layer: a scalar costs one
+    byte in a packed file, a per-channel k a tensor. ConvInteger keeps k = 1 (its output is rescaled in
+    float, so the bias grid does not matter). u8u8: integers above 64 (8-bit layers) as uint8 + 128.
+    """
+    if max_int > SAFE_WEIGHT:
+        return "u8u8", 1
+    return "u8s8", 1 if conv_integer else max(1, SAFE_WEIGHT // max(max_int, 1))
+
+
+def _weight_tensor(b: _Builder, w_int: np.ndarray, k: int, bits: int, storage: str,
+                   form: str = "u8s8") -> tuple[str, str]:
+    """The weight tensor a DequantizeLinear reads: w_int * k per output channel (int8), or w_int + 128
+    (uint8, form "u8u8").
 
     Packed (bits <= 4): an INT4 initializer (ml_dtypes.int4 arrays are written two values per byte by
     onnx.numpy_helper; a tensor built from a Python list is not), Cast to INT8 and multiplied by k.
@@ -252,6 +284,8 @@ def _weight_tensor(b: _Builder, w_int: np.ndarray, k: int, bits: int, storage: s
     into QLinearConv like any int8 weight: the file is small and plain onnxruntime still runs int8
     kernels. int8: the product stored as is (readers without INT4 support, e.g. onnxruntime < 1.20).
     """
+    if form == "u8u8":
+        return b.init("w", (w_int.astype(np.int16) + _U8U8_ZERO_POINT).astype(np.uint8)), "uint8"
     if storage == "packed" and bits <= 4:
         name = b.node("Cast", [b.init("w", w_int.astype(ml_dtypes.int4))], to=TensorProto.INT8)
         if k > 1:
@@ -281,13 +315,8 @@ class _Writer:
         m = p.module
         is_conv = isinstance(m, qnn.QuantConv2d)
         conv_integer = is_conv and out_q is None
-        # Spread the layer's integers over the int8 range (w*k, scale/k; real weights unchanged): the int32
-        # bias lives on the accumulator grid x_scale*w_scale, and a k-times finer grid rounds it k times more
-        # finely (k = 18 at 4 bits, 127 ternary). That rounding is the one error the integer graph adds to
-        # the PyTorch model, and at 4 bits it was enough to flip top-1 on near-ties. One k per layer: a
-        # scalar costs one byte in a packed file, a per-channel k a tensor.
         max_int = np.abs(p.w_int.astype(np.int64)).reshape(len(p.w_scale), -1).max(1)
-        k = 1 if conv_integer else max(1, 127 // max(int(max_int.max()), 1))
+        form, k = _weight_form(int(max_int.max()), conv_integer)
         w_scale32 = (p.w_scale / k).astype(np.float32)
         # Bias at the accumulator's scale, computed in float32 exactly as the integer kernel will.
         acc_scale32 = (np.float32(p.x.scale) * w_scale32).astype(np.float32)
@@ -295,17 +324,19 @@ class _Writer:
         if conv_integer:
             # DQ -> Conv without an output Q does not fuse (onnxruntime keeps a float Conv); ConvInteger keeps
             # the MACs on integers and rescales the exact int32 sums per channel afterwards.
-            w_name, stored = _weight_tensor(b, p.w_int, 1, p.bits, self.storage)
-            y = b.node("ConvInteger", [p.x.name, w_name, p.x.zp_init, b.scalar(0, np.int8)], base,
-                       **self._conv_attrs(m, base))
+            w_name, stored = _weight_tensor(b, p.w_int, 1, p.bits, self.storage, form)
+            w_zp = b.scalar(_U8U8_ZERO_POINT, np.uint8) if form == "u8u8" else b.scalar(0, np.int8)
+            y = b.node("ConvInteger", [p.x.name, w_name, p.x.zp_init, w_zp], base, **self._conv_attrs(m, base))
             y = b.node("Cast", [y], to=TensorProto.FLOAT)
             y = b.node("Mul", [y, b.init("as", acc_scale32.reshape(1, -1, 1, 1))])
             y = b.node("Add", [y, b.init("b", p.bias.astype(np.float32).reshape(1, -1, 1, 1))], out=out_name)
         else:
             x_dq = b.dq(p.x)
-            w_name, stored = _weight_tensor(b, p.w_int, k, p.bits, self.storage)
+            w_name, stored = _weight_tensor(b, p.w_int, k, p.bits, self.storage, form)
             w_inputs = [w_name, b.init("ws", w_scale32)]
-            if not is_conv:
+            if form == "u8u8":
+                w_inputs.append(b.init("wz", np.full(len(w_scale32), _U8U8_ZERO_POINT, np.uint8)))
+            elif not is_conv:
                 # onnxruntime 1.31 fuses DQ -> Gemm into QGemm only when the weight DQ names its zero point
                 # (DQ -> Conv fuses without one, so convolutions save those bytes).
                 w_inputs.append(b.init("wz", np.zeros(len(w_scale32), np.int8)))
@@ -317,6 +348,8 @@ class _Writer:
             else:
                 y = b.node("Gemm", [x_dq, w_dq, b_dq], base, out=None if out_q else out_name, alpha=1.0,
                            beta=1.0, transA=0, transB=1)
+        spread = p.w_int.astype(np.int64).reshape(len(p.w_scale), -1) * k
+        worst = 0 if form == "u8u8" else int(worst_pair_sums(spread).max(initial=0))
         if is_conv:
             op, kernel, stride, groups = "conv", list(m.kernel_size), list(m.stride), m.groups
             in_ch, out_ch = m.in_channels, m.out_channels
@@ -330,7 +363,8 @@ class _Writer:
             name=base, onnx_node=base, op=op, weight_bits=p.bits, act_bits_in=p.x.bits,
             act_bits_out=out_q[2] if out_q else None, in_channels=in_ch, out_channels=out_ch, kernel=kernel,
             stride=stride, groups=groups, params=int(p.w_int.size + p.bias.size), macs=int(macs), storage=stored,
-            bn_folded=p.bn_folded, negative_bn_gains=p.negative_gains))
+            bn_folded=p.bn_folded, negative_bn_gains=p.negative_gains, kernel_form=form, weight_spread=k,
+            worst_pair=worst))
         if out_q is None:
             if not is_conv:
                 # One step of one input feature through the largest weight of the layer: the natural unit of

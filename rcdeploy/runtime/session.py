@@ -9,6 +9,7 @@ INT8 in memory so that onnxruntime fuses the QDQ pattern into its integer kernel
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ __all__ = [
     "input_spec",
     "load_model_proto",
     "open_session",
+    "optimized_graph",
     "run_logits",
     "widen_low_bit_initializers",
 ]
@@ -248,3 +250,12 @@ def run_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 2
         n_out = session.get_outputs()[0].shape[-1]
         return np.zeros((0, n_out if isinstance(n_out, int) else 0), dtype=np.float32)
     return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def optimized_graph(model: bytes | onnx.ModelProto, *, widen: bool = True) -> onnx.ModelProto:
+    """The graph onnxruntime actually runs (ORT_ENABLE_ALL, CPU), read back from `optimized_model_filepath`."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
+    with tempfile.TemporaryDirectory(prefix="rcdeploy-ort-") as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        open_session(proto, threads=1, optimized_model_path=path, widen=widen)
+        return onnx.load(str(path))
