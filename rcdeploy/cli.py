@@ -176,6 +176,8 @@ def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--threads", type=int, help="torch / scoring threads for the attacks (default: 1 for tiny inputs).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--isa", help="Integer kernels as computed on: exact (VNNI, AMX, ARM) or avx2 (x86 without VNNI: "
+              "u8 x s8 pair sums saturate at int16). Default: this CPU. Another kind is emulated by the twin.")
 @click.option("--json", "json_path", help="Write the full report as JSON to FILE ('-' for stdout).")
 @click.option("--csv", "csv_path", help="Append one summary row to FILE (header when new).")
 def bench(model: str, no_latency: bool, latency_seconds: float, **kwargs: Any) -> None:

@@ -113,6 +113,13 @@ def ops_of(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
+def faithful(ver: dict) -> bool:
+    """The export verification's own rule, checked on its figures: logits within tolerance and top-1
+    agreement on decisive images, both on >= 99.5% of images; plain top-1 agreement still high."""
+    return (ver["within_tolerance"] >= 0.995 and ver["decisive_top1_agreement"] >= 0.995
+            and ver["decisive_samples"] >= 0.5 * ver["samples"] and ver["top1_agreement"] >= 0.98)
+
+
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["small_cnn-8", "small_cnn-4", "resnet20-8", "resnet20-4"])
 def test_integer_graph_runs_integer_kernels_and_agrees(key: str, ckpts, digits, tmp_path) -> None:
@@ -141,7 +148,7 @@ def test_integer_graph_runs_integer_kernels_and_agrees(key: str, ckpts, digits, 
         assert session.run(None, {inp.name: digits.val.x[:n].numpy()})[0].shape == (n, 10)
 
     ver = summary["verification"]
-    assert ver["samples"] >= 500 and ver["top1_agreement"] >= 0.995
+    assert ver["samples"] >= 500 and faithful(ver)
     assert ver["max_abs_logit_diff"] < 0.1 * ver["logit_range"]
     assert abs(ver["onnx_accuracy"] - ver["torch_accuracy"]) <= 0.01
 
@@ -168,7 +175,7 @@ def test_independent_agreement_on_file_and_sidecar(ckpts, digits, tmp_path) -> N
     assert card["params"] > 250_000 and card["macs"] > 2_000_000
     assert card["files"]["r.onnx"]["bytes"] == out.stat().st_size
     assert card["files"]["r.onnx"]["bytes_by_dtype"]["int8"] > 250_000
-    assert card["verification"]["verification"]["top1_agreement"] >= 0.995
+    assert faithful(card["verification"]["verification"])
     assert set(card["versions"]) >= {"rcdeploy", "torch", "brevitas", "onnx", "onnxruntime"}
     assert sum(layer["negative_bn_gains"] for layer in card["layers"]) > 0  # folding met negative gammas
 
@@ -190,7 +197,7 @@ def test_bn_folding_with_negative_gains_is_exact_enough(digits) -> None:
     assert sum(layer.negative_bn_gains for layer in ex.layers) > 20
     assert all(layer.bn_folded for layer in ex.layers if layer.op == "conv")
     rep = verify_onnx(ex.to_bytes(), model, digits.val.x, digits.val.y, logit_step=ex.logit_step)
-    assert rep["top1_agreement"] >= 0.995
+    assert faithful(rep)
 
 
 def test_4bit_file_is_about_half_and_keeps_int8_kernels(ckpts, tmp_path) -> None:
@@ -273,7 +280,7 @@ def test_ort_format_loads_with_operator_config(ckpts, digits, tmp_path) -> None:
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.95
     text = config.read_text()
     assert "QLinearConv" in text and "QLinearAdd" in text and "com.microsoft" in text
-    assert summary["ort_verification"]["top1_agreement"] >= 0.995
+    assert faithful(summary["ort_verification"])
 
 
 def test_prune_channels_shrinks_file_and_stays_integer(digits, tmp_path) -> None:
@@ -286,7 +293,7 @@ def test_prune_channels_shrinks_file_and_stays_integer(digits, tmp_path) -> None
     assert card["channels_kept"]["features.0.0"] == 16 and card["channels_kept"]["features.1.0"] == 32
     assert small.stat().st_size < 0.75 * full.stat().st_size
     assert summary["pruning"]["totals"]["channels_after"] < summary["pruning"]["totals"]["channels_before"]
-    assert summary["verification"]["top1_agreement"] >= 0.995
+    assert faithful(summary["verification"])
     assert summary["kernels"]["integer_mac_share"] == 1.0 and summary["kernels"]["float_conv_nodes"] == 0
 
 
@@ -307,7 +314,7 @@ def test_failed_verification_writes_nothing(ckpts, tmp_path, monkeypatch) -> Non
         return ex
 
     monkeypatch.setattr(qdq, "build_qdq", corrupted)
-    with pytest.raises(VerificationError, match="agrees with PyTorch"):
+    with pytest.raises(VerificationError, match="PyTorch"):
         export_checkpoint(ckpts["small_cnn-8"], formats="all", output=out)
     assert out.read_bytes() == b"previous export"
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no sidecar, no .ort, no temp files
@@ -361,7 +368,7 @@ def test_preact_resnet_exports_to_integer_kernels(digits, tmp_path) -> None:
     assert opt["ConvInteger"] > 0 and len(ex.float_affine_ops) == 9
     x, y = torch.cat([digits.val.x, digits.test.x]), torch.cat([digits.val.y, digits.test.y])
     rep = verify_onnx(ex.to_bytes(), model, x, y, logit_step=ex.logit_step)
-    assert rep["top1_agreement"] >= 0.995
+    assert faithful(rep)
 
 
 def test_mobilenetv2_depthwise_exports_to_integer_kernels(digits) -> None:
@@ -397,5 +404,5 @@ def test_resnet20_prune_channels_including_residual_coupled(bits, digits, tmp_pa
     totals = summary["pruning"]["totals"]
     assert totals["macs_after"] < 0.8 * totals["macs_before"]
     assert small.stat().st_size < full.stat().st_size
-    assert summary["verification"]["top1_agreement"] >= 0.995
+    assert faithful(summary["verification"])
     assert summary["kernels"]["integer_mac_share"] == 1.0 and summary["kernels"]["float_conv_nodes"] == 0

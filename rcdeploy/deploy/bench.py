@@ -293,6 +293,7 @@ def bench_model(
     latency: bool = True,
     latency_seconds: float = 1.0,
     progress: bool | Any = True,
+    isa: str | None = None,
 ) -> dict[str, Any]:
     """Bench the ONNX file `model`; returns the report (JSON-able, units in the key names).
 
@@ -308,13 +309,19 @@ def bench_model(
         uses the target profile's threads.
     latency: measure latency (in a child process, `latency_seconds` per batch size at least).
     progress: True for a rich progress bar on stderr, a rich Console to draw it on, or False.
+    isa: what the integer kernels compute: 'exact' or 'avx2' (x86 without VNNI: u8 x s8 pair sums
+        saturate at int16); default what this CPU does. When it is not what this CPU does, the twin
+        emulates it and scores every image in place of onnxruntime (the report says so).
     """
     t_start = time.perf_counter()
     from rcdeploy.attacks import DEFAULT_STEP_FRACTION, parse_attacks
+    from rcdeploy.runtime.cpu import cpu_kind, resolve_isa
     from rcdeploy.runtime.session import get_target, load_model_proto, open_session
 
     path = Path(model)
     profile = get_target(target)
+    isa_v, here = resolve_isa(isa), cpu_kind()
+    emulated = isa_v != here.isa
     proto = load_model_proto(path)  # not a file / not ONNX: UsageError
     input_name, dims = _image_input(proto, str(path))
     card, sidecar_note = read_sidecar(path)
@@ -396,13 +403,33 @@ def bench_model(
     # --- clean accuracy on onnxruntime -----------------------------------------------------------
     # Scoring uses every core whatever the target (mobile's one thread is a latency setting only).
     session = open_session(proto, target=target, threads=work_threads or os.cpu_count() or 1)
-    clean_preds, classes = _ort_preds(session, x_np, draws)
+    twin_error = None
+    try:
+        from rcdeploy.deploy.twin import build_twin
+
+        t_twin = time.perf_counter()
+        twin = build_twin(proto, ste=True, noise=True, isa=isa_v)
+        twin_build_s = time.perf_counter() - t_twin
+    except UsageError as e:
+        twin, twin_error = None, e
+    if emulated and twin is None:
+        raise UsageError(f"{path}: --isa {isa_v} differs from this CPU ({here.isa}) and needs the differentiable twin "
+                         f"to emulate it, which cannot be built ({twin_error})")
+    import torch
+
+    def score_preds(x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Top-1 predictions [draws, N]: onnxruntime on this CPU, or the twin emulating --isa."""
+        if not emulated:
+            return _ort_preds(session, x, draws)
+        with _torch_threads(work_threads), torch.no_grad():
+            preds = [_twin_preds(twin, torch.from_numpy(x)) for _ in range(draws)]
+        return np.stack(preds), int(twin(torch.from_numpy(x[:1])).shape[1])
+
+    clean_preds, classes = score_preds(x_np)
     if classes < meta.num_classes:
         raise UsageError(f"{path}: the model outputs {classes} logits, dataset {meta.name!r} has "
                          f"{meta.num_classes} classes; pass the --dataset the model was trained on")
     clean_score = (clean_preds == y_np[None]).mean(0)  # per sample, mean over draws
-
-    import torch
 
     accuracy: dict[str, Any] = {
         "samples": n,
@@ -418,28 +445,28 @@ def bench_model(
     twin_info: dict[str, Any] = {"available": False}
     with _torch_threads(work_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        twin = None
-        try:
-            from rcdeploy.deploy.twin import build_twin
-
-            t = time.perf_counter()
-            twin = build_twin(proto, ste=True, noise=True)
-            twin_info = {"available": True, "build_s": time.perf_counter() - t, "straight_through": True,
-                         "noise": stochastic}
-        except UsageError as e:
+        if twin is not None:
+            twin_info = {"available": True, "build_s": twin_build_s, "straight_through": True, "noise": stochastic,
+                         "isa": isa_v}
+        else:
             if white:
                 raise UsageError(f"{path}: white-box attacks need the differentiable twin, which cannot be built "
-                                 f"({e}); run squareN only") from None
-            twin_info = {"available": False, "reason": str(e)}
-            notes.append(f"twin unavailable ({e}); no twin agreement reported")
+                                 f"({twin_error}); run squareN only") from None
+            twin_info = {"available": False, "reason": str(twin_error)}
+            notes.append(f"twin unavailable ({twin_error}); no twin agreement reported")
+        ort_clean = _ort_preds(session, x_np, draws)[0] if emulated else clean_preds
         if twin is not None:
-            agree = _twin_preds(twin, x_all) == clean_preds[0]
+            agree = _twin_preds(twin, x_all) == ort_clean[0]
             twin_info["clean_agreement_pct"] = _pct(agree.mean())
             if stochastic:
                 notes.append("the graph draws noise: twin agreement compares one draw of each, so it is below "
                              "what a deterministic graph would give")
 
         def ort_model(x: torch.Tensor) -> torch.Tensor:
+            """The black-box model Square queries: what scores the images (onnxruntime, or the emulation)."""
+            if emulated:
+                with torch.no_grad():
+                    return twin(x.detach())
             from rcdeploy.runtime.session import run_logits
 
             return torch.from_numpy(run_logits(session, x.detach().cpu().numpy(), batch_size=EVAL_BATCH))
@@ -464,7 +491,7 @@ def bench_model(
                 delta = (x_adv - x_all).abs().amax().item()
                 within = delta <= atk.eps + EPS_SLACK
                 in_range = bool(x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0)
-                preds, _ = _ort_preds(session, x_adv.numpy(), draws)
+                preds, _ = score_preds(x_adv.numpy())
                 score = (preds == y_np[None]).mean(0)
                 scores.append(score)
                 row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradients":
@@ -478,7 +505,8 @@ def bench_model(
                     row["queries_mean"] = float(q.mean())
                     row["queries_max"] = int(q.max())
                 if twin is not None:
-                    agree = _twin_preds(twin, x_adv) == preds[0]
+                    ort_adv = _ort_preds(session, x_adv.numpy(), draws)[0] if emulated else preds
+                    agree = _twin_preds(twin, x_adv) == ort_adv[0]
                     adv_agree_all.append(agree)
                     row["twin_agreement_pct"] = _pct(agree.mean())
                 if not within or not in_range:
@@ -489,7 +517,7 @@ def bench_model(
         twin_info["adversarial_agreement_pct"] = _pct(np.concatenate(adv_agree_all).mean())
     for what in ("clean_agreement_pct", "adversarial_agreement_pct"):
         v = twin_info.get(what)
-        if v is not None and v < MIN_AGREEMENT_PCT and not stochastic:
+        if v is not None and v < MIN_AGREEMENT_PCT and not stochastic and not emulated:
             flags.append(f"the twin agrees with onnxruntime on only {v:.1f}% of {what.split('_')[0]} images: "
                          "white-box gradients may not reflect the deployed model")
     flags += gradient_masking_flags(robust, n)
@@ -505,6 +533,11 @@ def bench_model(
     from rcdeploy.deploy.inspect import inspect_model
 
     graph = inspect_model(path, target=target)
+    pairs = graph.int16_pairs
+    if pairs and not pairs.get("saturation_free"):
+        flags.append(f"{len(pairs['can_saturate'])} integer kernel(s) can saturate int16 pair sums on x86 CPUs without "
+                     f"VNNI (worst pair {pairs.get('worst_pair')} > {pairs.get('limit')}): the figures hold for --isa "
+                     f"{isa_v} only; bench with --isa {'exact' if isa_v == 'avx2' else 'avx2'} for the other kind")
     size = {
         "file_bytes": graph.file_bytes,
         "params": graph.params,
@@ -515,6 +548,7 @@ def bench_model(
         "op_histogram": graph.op_histogram,
         "optimized_op_histogram": graph.optimized_op_histogram,
         "macs_counted_on": "onnxruntime's optimized graph at batch 1",
+        "int16_pairs": {k: v for k, v in pairs.items() if k != "per_kernel"},
     }
 
     # --- latency -----------------------------------------------------------------------------------
@@ -576,6 +610,10 @@ def bench_model(
             "scoring_ort_threads": work_threads or os.cpu_count() or 1,
             "latency_min_seconds": latency_seconds if latency else None,
             "norm": "Linf",
+            "isa": isa_v,
+            "scored_by": (f"differentiable twin emulating {isa_v} (this CPU: {here.isa})" if emulated
+                          else f"onnxruntime on this CPU ({here.isa})"),
+            "cpu": here.to_dict(),
         },
         "size": size,
         "latency": lat,

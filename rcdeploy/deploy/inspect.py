@@ -21,6 +21,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from rcdeploy.errors import UsageError
+from rcdeploy.runtime import u8s8
+from rcdeploy.runtime.cpu import cpu_kind
 from rcdeploy.runtime.session import load_model_proto, open_session
 
 __all__ = ["GraphReport", "inspect_model", "INTEGER_OPS"]
@@ -75,6 +77,8 @@ class GraphReport:
     file_bytes: int
     per_node: list[dict] = field(default_factory=list)
     shapes_from: str = "onnx"  # "onnx" shape inference (+ contrib rules) or "onnxruntime" execution
+    int16_pairs: dict = field(default_factory=dict)  # rcdeploy.runtime.u8s8.summarize of the graph that runs
+    cpu: dict = field(default_factory=dict)  # this machine's CPU kind (rcdeploy.runtime.cpu)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -368,6 +372,9 @@ def inspect_model(
       scales, zero points and shape constants that quantized graphs carry).
     - `bytes_by_dtype`: packed initializer bytes per element type (INT4 = half a byte each);
       `file_bytes`: the file plus any external data files.
+    - `int16_pairs`: the static proof that no 8-bit integer kernel of the graph onnxruntime runs can
+      saturate an int16 pair sum on x86 CPUs without VNNI (`rcdeploy.runtime.u8s8`), naming the kernels
+      that can; `cpu`: this machine's kind, which decides whether they do here.
     """
     p = Path(path)
     model = load_model_proto(p)
@@ -420,4 +427,6 @@ def inspect_model(
         file_bytes=_file_bytes(p, model),
         per_node=per_node,
         shapes_from=shapes_from,
+        int16_pairs=u8s8.summarize(u8s8.check_graph(optimized)),
+        cpu=cpu_kind().to_dict(),
     )

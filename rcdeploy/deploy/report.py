@@ -109,6 +109,12 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
               _pct(size.get("integer_mac_share_pct")))
     console.print(t)
     console.print(f"[dim]initializers: {by_dtype}[/]")
+    pairs = size.get("int16_pairs") or {}
+    if pairs.get("kernels"):
+        state = (f"none of {pairs['kernels']} integer kernels can saturate on any CPU" if pairs.get("saturation_free")
+                 else f"[bold red]{len(pairs.get('can_saturate') or [])} of {pairs['kernels']} integer kernels can "
+                 "saturate on x86 without VNNI[/]")
+        console.print(f"int16 pair sums: {state}; accuracy as computed on: {s.get('isa')}")
 
     if lat:
         caption = (f"{lat.get('description')}; intra-op threads {lat.get('intra_op_threads')} of "
@@ -126,7 +132,8 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
         console.print(f"[dim]{caption}[/]")
 
     twin = acc.get("twin") or {}
-    t = _table(title="accuracy, scored by onnxruntime on the file")
+    scorer = s.get("scored_by") or "onnxruntime on the file"
+    t = _table(title=f"accuracy, scored by {scorer}")
     for col in ("images", "accuracy", "twin agrees", "max|dx| / eps", "valid", "time s"):
         t.add_column(col, justify="right" if col != "images" else "left", no_wrap=True)
     t.add_row("clean", _pct(acc.get("clean_acc_pct")), _pct(twin.get("clean_agreement_pct")), "-", "-", "-")
@@ -140,7 +147,7 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
         t.add_row("[bold]worst case[/]", f"[bold]{_pct(acc['worst_case_acc_pct'])}[/]",
                   _pct(twin.get("adversarial_agreement_pct")), "", "", "")
     console.print(t)
-    console.print("[dim]twin agrees: top-1 of the differentiable twin = onnxruntime's; max|dx|: max |x_adv - x|; "
+    console.print("[dim]twin agrees: top-1 of the differentiable twin = onnxruntime's on this CPU; max|dx|: max |x_adv - x|; "
                   "valid: every adversarial image within eps of its original and in [0, 1][/]")
     for flag in acc.get("flags", []):
         console.print(f"[bold red]warning:[/] {flag}")
@@ -421,3 +428,26 @@ def render_inspect(report: Any, console: Any) -> None:
     for k, v in (d.get("bytes_by_dtype") or {}).items():
         t.add_row(k, f"{v:,}")
     console.print(t)
+    render_int16_pairs(d.get("int16_pairs") or {}, d.get("cpu") or {}, console)
+
+
+def render_int16_pairs(pairs: dict[str, Any], cpu: dict[str, Any], console: Any) -> None:
+    """The static int16 pair-sum proof in a few lines: exact everywhere, or which kernels can saturate."""
+    if not pairs or not pairs.get("kernels"):
+        return
+    forms = ", ".join(f"{n} {f}" for f, n in (pairs.get("forms") or {}).items())
+    worst = pairs.get("worst_pair")
+    worst_text = f"; worst u8 x s8 pair sum {worst:,} of {pairs.get('limit', 32767):,}" if worst is not None else ""
+    if pairs.get("saturation_free"):
+        console.print(f"int16 pair sums: {pairs['kernels']} integer kernels ({forms}) cannot saturate on any CPU"
+                      f"{worst_text}")
+    else:
+        bad = pairs.get("can_saturate") or []
+        console.print(f"[bold red]int16 pair sums: {len(bad)} of {pairs['kernels']} integer kernels can saturate on "
+                      f"x86 CPUs without VNNI (AVX2, AVX-512 without VNNI){worst_text}:[/]")
+        for row in (r for r in pairs.get("per_kernel") or [] if r.get("can_saturate")):
+            pair = f"{row['worst_pair']:,}" if row.get("worst_pair") is not None else "unbounded"
+            console.print(f"  {row.get('layer') or row['node']} ({row['op']}, {row['form']}): worst pair {pair}, "
+                          f"{row.get('channels_over', 0)} output channel(s) over")
+    if cpu:
+        console.print(f"[dim]this CPU: {cpu.get('description')}[/]")

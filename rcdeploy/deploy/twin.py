@@ -1031,15 +1031,17 @@ class _QdqSaturation:
     """How to add the pair-saturation error to a float Conv / Gemm / MatMul that onnxruntime runs as a
     u8 x s8 kernel: the activation codes (the input of its DequantizeLinear) and the weight integers."""
 
-    codes: str  # name of the uint8 activation tensor
+    codes: str  # name of the 8-bit activation tensor
     zp: float
     x_scale: float
     weight: _IntWeight
+    shift: float = 0.0  # added to the codes and zero point: int8 activations become the kernel's uint8
 
     def apply(self, node: _Node, codes: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = self.weight.codes.to(torch.float64)
+        codes = codes.to(torch.float64) + self.shift
         if node.op == "Conv":
-            err = _conv_saturation(node, codes, self.zp, w)
+            err = _conv_saturation(node, codes, self.zp + self.shift, w)
             scale = _per_channel(self.weight.scale, 4, 1)
         else:
             trans = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
@@ -1081,8 +1083,9 @@ def _qdq_saturating_nodes(model: onnx.ModelProto, live: list[_Node], weights: di
         if dq is None or dq.op != "DequantizeLinear" or len(dq.inputs) < 2:
             continue
         zp_name = dq.inputs[2] if len(dq.inputs) > 2 else ""
-        if zp_name and types.get(zp_name) != TensorProto.UINT8:
-            continue  # int8 activations: exact (rcdeploy.runtime.u8s8)
+        act_type = types.get(zp_name, TensorProto.UINT8) if zp_name else TensorProto.UINT8
+        if act_type not in (TensorProto.UINT8, TensorProto.INT8):
+            continue
         w = weights[node.inputs[1]]
         fused = bool(node.name) and any(k == node.name or k.startswith(node.name + "_") for k in names)
         if not (fused or w.key() in keys):
@@ -1090,7 +1093,9 @@ def _qdq_saturating_nodes(model: onnx.ModelProto, live: list[_Node], weights: di
         scale, zp = consts.get(dq.inputs[1]), consts.get(zp_name) if zp_name else torch.zeros(())
         if scale is None or zp is None or scale.numel() != 1 or zp.numel() != 1:
             continue  # per-channel or computed activation parameters: not a fusable QDQ unit
-        out[i] = _QdqSaturation(dq.inputs[0], float(zp.reshape(())), float(scale.reshape(())), w)
+        # onnxruntime runs int8 activations of QDQ units as uint8 (x + 128) on x86: the kernels are u8 x s8.
+        shift = 128.0 if act_type == TensorProto.INT8 else 0.0
+        out[i] = _QdqSaturation(dq.inputs[0], float(zp.reshape(())), float(scale.reshape(())), w, shift)
     return out
 
 
