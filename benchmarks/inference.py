@@ -9,6 +9,7 @@ provider, ORT_ENABLE_ALL, sequential, nothing rcdeploy-specific at load time):
   fp32                 torch.onnx.export of the float network (BatchNorm folded by the exporter), dynamic batch
   ort qs S8S8 (default) onnxruntime quantize_static as users run it: defaults (QDQ, int8 activations and weights)
   ort qs U8S8 (best)   quantize_static at its best: quant_pre_process first, uint8 activations, int8 weights
+  ort qs U8S8 rr       the same with reduce_range=True (7-bit weights: onnxruntime's advice for x86 without VNNI)
   brevitas QCDQ        Brevitas' own export_onnx_qcdq of the rcdeploy 8-bit model, as is (fixed batch 1:
                        its b64 figure is 64 batch-1 calls, which is what a user of that file gets)
   rcdeploy w8 / w4     rcdeploy.export.qdq.build_qdq at 8-bit and 4-bit weights (4-bit stored as packed INT4)
@@ -141,8 +142,9 @@ def fp32_onnx(model: Any, shape: tuple[int, ...]) -> bytes:
         return path.read_bytes()
 
 
-def ort_quantize_static(fp32: bytes, shape: tuple[int, ...], *, best: bool) -> bytes:
-    """onnxruntime's own post-training quantizer: defaults (S8S8 QDQ), or pre-processed U8S8 QDQ."""
+def ort_quantize_static(fp32: bytes, shape: tuple[int, ...], *, best: bool, reduce_range: bool = False) -> bytes:
+    """onnxruntime's own post-training quantizer: defaults (S8S8 QDQ), or pre-processed U8S8 QDQ
+    (reduce_range: 7-bit weights, which onnxruntime recommends where u8 x s8 pairs saturate)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -161,7 +163,7 @@ def ort_quantize_static(fp32: bytes, shape: tuple[int, ...], *, best: bool) -> b
         if best:
             quant_pre_process(str(src), str(pre))
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
         else:
             quantize_static(str(src), str(out), Reader())
         return out.read_bytes()
@@ -193,10 +195,10 @@ def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any
     """Every form of `net`, as ONNX bytes, plus what was learned building them."""
     import torch
 
-    from rcdeploy.runtime.session import open_session, run_logits
     from rcdeploy.export.qdq import build_qdq, bytes_by_dtype
     from rcdeploy.export.shrink import shrink_model
     from rcdeploy.export.verify import compare_logits, torch_logits
+    from rcdeploy.runtime.session import open_session, run_logits
 
     shape = NETS[net]["shape"]
     info: dict[str, Any] = {"shape": list(shape), "notes": []}
@@ -205,6 +207,7 @@ def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any
     cands = [Candidate("fp32", fp32)]
     cands.append(Candidate("ort qs S8S8 (default)", ort_quantize_static(fp32, shape, best=False)))
     cands.append(Candidate("ort qs U8S8 (best)", ort_quantize_static(fp32, shape, best=True)))
+    cands.append(Candidate("ort qs U8S8 rr", ort_quantize_static(fp32, shape, best=True, reduce_range=True)))
     q8 = make_model(net, 8)
     qcdq, why = brevitas_qcdq(q8, shape)
     if qcdq is None:
@@ -232,9 +235,19 @@ def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any
                         if k in ("top1_agreement", "max_abs_logit_diff", "logit_range")}
         cands.append(Candidate(name, data))
     info["rcdeploy_vs_pytorch_on_64_random_images"] = checks
+    info["exact_on_every_cpu"] = {c.name: exact_everywhere(c.data) for c in cands}
     info["build_s"] = time.perf_counter() - t
     log(f"  built {len(cands)} forms of {net} in {info['build_s']:.0f} s")
     return cands, info
+
+
+def exact_everywhere(data: bytes) -> bool:
+    """rcdeploy's static proof on onnxruntime's optimized graph: no u8 x s8 int16 pair sum can saturate,
+    so the file computes the same on x86 with and without VNNI (see rcdeploy.runtime.u8s8)."""
+    from rcdeploy.export.verify import saturation_report
+    from rcdeploy.runtime.session import optimized_graph
+
+    return bool(saturation_report(optimized_graph(data))["saturation_free"])
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -315,13 +328,13 @@ def _x(v: float | None) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{v:.2f}x"
 
 
-def latency_table(res: dict[str, Any], sizes: dict[str, int]) -> tuple[list, list]:
-    headers = ["model", "bytes", "size/fp32"]
+def latency_table(res: dict[str, Any], sizes: dict[str, int], exact: dict[str, bool]) -> tuple[list, list]:
+    headers = ["model", "exact w/o VNNI", "bytes", "size/fp32"]
     for s in res:
         headers += [f"{s} ms (p25-p75)", "x fp32"]
     rows = []
     for name in res[GOAL_B1]["models"]:
-        r = [name, f"{sizes[name]:,}", f"{sizes[name] / sizes['fp32']:.3f}"]
+        r = [name, "yes" if exact.get(name) else "**no**", f"{sizes[name]:,}", f"{sizes[name] / sizes['fp32']:.3f}"]
         for s in res:
             m = res[s]["models"][name]
             r += [common.fmt_spread(m["latency"]), _x(m["speedup_vs_fp32"]["median"])]
@@ -402,7 +415,7 @@ def run(nets: list[str], *, rounds: int, budget_s: float, write: bool = True, qu
         prof = profile_net(net, cands, cpus, spin=res[goal_b64(res)]["spinning"])
         log(f"  profiled in {time.perf_counter() - t:.0f} s")
         results["nets"][net] = {"build": binfo, "sizes_bytes": sizes, "settings": res, "profile": compact(prof)}
-        tables = [latency_table(res, sizes), efficiency_table(res, prof)]
+        tables = [latency_table(res, sizes, binfo["exact_on_every_cpu"]), efficiency_table(res, prof)]
         print(f"\n{NETS[net]['label']} {'x'.join(map(str, NETS[net]['shape']))}: median latency over {rounds} "
               f"rounds (p25-p75 of single runs), ratio = per-round fp32/model median")
         for headers, rows in tables:
@@ -699,7 +712,11 @@ def markdown(results: dict[str, Any], sections: list, cpus: int) -> str:
            "p25-p75 of single runs; `x fp32`: median over rounds of the per-round ratio fp32/model (>1 = faster than "
            "fp32). Weights are random (latency and size do not depend on training). Peers: `fp32` = "
            "torch.onnx.export; `ort qs` = onnxruntime `quantize_static` with its defaults (S8S8 QDQ) and at its best "
-           "(quant_pre_process + U8S8 QDQ), per-tensor, calibrated on random images; `brevitas QCDQ` = "
+           "(quant_pre_process + U8S8 QDQ), per-tensor, calibrated on random images, and `ort qs U8S8 rr` = the "
+           "same with reduce_range=True (7-bit weights, onnxruntime's advice for x86 without VNNI); `exact w/o VNNI`: "
+           "rcdeploy's static int16 pair-sum proof on onnxruntime's optimized graph (`no`: some u8 x s8 pair can "
+           "saturate, so the file computes something else on x86 CPUs without VNNI: AVX2, AVX-512 without VNNI; "
+           "latency measured on such a CPU would time a wrong model); `brevitas QCDQ` = "
            "`brevitas.export.export_onnx_qcdq` of the same 8-bit model as is (its input is fixed at batch 1, so its "
            "b64 columns are 64 batch-1 calls). `rcdeploy w8/w4` = rcdeploy's integer QDQ export (w4: packed INT4 "
            "weights, read by plain onnxruntime); `-50%ch`: half of every prunable channel group zeroed and "

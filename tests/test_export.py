@@ -113,11 +113,12 @@ def ops_of(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-def faithful(ver: dict) -> bool:
+def faithful(ver: dict, trained: bool = True) -> bool:
     """The export verification's own rule, checked on its figures: logits within tolerance and top-1
-    agreement on decisive images, both on >= 99.5% of images; plain top-1 agreement still high."""
+    agreement on decisive images, both on >= 99.5% of images (for a trained model, most images are
+    decisive, so the second is no formality); plain top-1 agreement still high."""
     return (ver["within_tolerance"] >= 0.995 and ver["decisive_top1_agreement"] >= 0.995
-            and ver["decisive_samples"] >= 0.5 * ver["samples"] and ver["top1_agreement"] >= 0.98)
+            and (not trained or ver["decisive_samples"] >= 0.5 * ver["samples"]) and ver["top1_agreement"] >= 0.98)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_independent_agreement_on_file_and_sidecar(ckpts, digits, tmp_path) -> N
     assert card["channels_kept"]["blocks.8.conv2.0"] == 64
     assert card["params"] > 250_000 and card["macs"] > 2_000_000
     assert card["files"]["r.onnx"]["bytes"] == out.stat().st_size
-    assert card["files"]["r.onnx"]["bytes_by_dtype"]["int8"] > 250_000
+    assert card["files"]["r.onnx"]["bytes_by_dtype"]["uint8"] > 250_000  # 8-bit layers: u8 x u8 kernels
     assert faithful(card["verification"]["verification"])
     assert set(card["versions"]) >= {"rcdeploy", "torch", "brevitas", "onnx", "onnxruntime"}
     assert sum(layer["negative_bn_gains"] for layer in card["layers"]) > 0  # folding met negative gammas
@@ -197,7 +198,9 @@ def test_bn_folding_with_negative_gains_is_exact_enough(digits) -> None:
     assert sum(layer.negative_bn_gains for layer in ex.layers) > 20
     assert all(layer.bn_folded for layer in ex.layers if layer.op == "conv")
     rep = verify_onnx(ex.to_bytes(), model, digits.val.x, digits.val.y, logit_step=ex.logit_step)
-    assert faithful(rep)
+    # Untrained: near-tied logits, so the tolerance is the range-bounded one and few images are decisive.
+    assert faithful(rep, trained=False)
+    assert rep["tolerance_steps"] * rep["logit_step"] <= 0.1 * rep["logit_range"]
 
 
 def test_4bit_file_is_about_half_and_keeps_int8_kernels(ckpts, tmp_path) -> None:

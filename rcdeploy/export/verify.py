@@ -24,6 +24,9 @@ MIN_AGREEMENT = 0.995  # share of held-out images that must agree (see `judge`)
 # a median of 2-10 and a maximum of 68 steps (ResNet-20); the same models with saturating kernels
 # (AVX2, emulated) miss by a median of 190-1,360 steps. 128 sits between, with room for deeper nets.
 TOLERANCE_STEPS = 128.0
+# ... and never more than this share of the logits' range (an untrained model's logits span less than
+# 128 steps: the bound must still bite there).
+TOLERANCE_RANGE = 0.1
 
 # Kernels that compute a conv / matmul on integers (onnxruntime CPU names, after its QDQ fusion).
 INTEGER_KERNELS = frozenset({"QLinearConv", "NhwcQLinearConv", "ConvInteger", "QGemm", "QLinearMatMul",
@@ -47,7 +50,8 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, logit_step: float | None = 
     """Agreement figures of two [N, K] logit arrays (PyTorch `ref`, exported `got`).
 
     With a logit step (one input step of the last layer through its largest weight: the unit of the
-    integer graph's rounding), each image's error max_k |ref - got| is counted in steps, and top-1
+    integer graph's rounding), each image's error max_k |ref - got| is counted in steps against a
+    tolerance of `tolerance_steps` (at most TOLERANCE_RANGE of the logits' range), and top-1
     agreement is also given on the *decisive* images: those whose PyTorch margin (top-1 minus
     top-2 logit) exceeds twice the allowed error, where no faithful export can flip the decision.
     """
@@ -66,6 +70,7 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, logit_step: float | None = 
     }
     if logit_step and np.isfinite(logit_step) and logit_step > 0 and len(ref) and ref.shape[1] > 1:
         err_steps = (diff.max(1) if diff.size else np.zeros(len(ref))) / logit_step
+        tolerance_steps = min(tolerance_steps, TOLERANCE_RANGE * out["logit_range"] / logit_step)
         top2 = np.sort(ref.astype(np.float64), axis=1)[:, -2:]
         margin_steps = (top2[:, 1] - top2[:, 0]) / logit_step
         decisive = margin_steps > 2 * tolerance_steps
