@@ -67,6 +67,8 @@ def _key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
 @click.option("--download", is_flag=True, default=None, help="Fetch the standard dataset files (needs a network).")
 @click.option("--bits", help="Weight bits: float, 8, 6, 5, 4, 3, 2 (ternary), 1 (binary).")
 @click.option("--act-bits", help="Activation bits (8 keeps int8 kernels at export).")
+@click.option("--first-last-bits", help="Weight bits of the first and last layers (default 8; 7 keeps every layer "
+              "on u8 x s8 kernels at export, which OpenVINO runs as int8 too).")
 @click.option("--adv", help="Adversarial objective: none, fgsm-rs, pgd, trades.")
 @click.option("--eps", help="L-inf budget in image units, e.g. 8/255.")
 @click.option("--steps", type=int, help="Attack steps during training (pgd, trades).")
@@ -133,23 +135,25 @@ def train(recipe: str | None, resume: str | None, json_path: str | None, **overr
 @click.option("--prune-channels", is_flag=True, help="Physically remove the channels training zeroed.")
 @click.option("--format", "formats", default="qdq", show_default=True,
               help="Comma list of qdq, qonnx, ort, or all.")
-@click.option("--storage", type=click.Choice(["packed", "int8"]), default="packed", show_default=True,
+@click.option("--storage", type=click.Choice(["packed", "int8"]),
               help="Sub-8-bit weights stored packed as INT4 (half the bytes; onnxruntime still runs int8 "
-                   "kernels) or as plain int8.")
+                   "kernels) or as plain int8. Default: packed for onnxruntime, int8 for openvino.")
+@click.option("--runtime", default="onnxruntime", show_default=True,
+              help="Runtime the file is for: onnxruntime or openvino (int8 storage, also verified in OpenVINO).")
 @click.option("-o", "--output", default="model.onnx", show_default=True)
 @click.option("--data-dir", help="Dataset folder for verification images.")
 @click.option("--verify-samples", type=int, default=512, show_default=True)
 @click.option("--no-noise", is_flag=True, help="Stochastic models (EnResNet): export without the noise.")
 @click.option("--json", "json_path", help="Write the export summary as JSON to FILE ('-' for stdout).")
-def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str, storage: str, output: str,
-           data_dir: str | None, verify_samples: int, no_noise: bool, json_path: str | None) -> None:
+def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str, storage: str | None, output: str,
+           data_dir: str | None, verify_samples: int, no_noise: bool, json_path: str | None, runtime: str) -> None:
     """Verified integer ONNX (+ QONNX, .ort, model.json sidecar) from a training checkpoint."""
     from rcdeploy.export.api import export_checkpoint, render_summary
 
     fmts = ["qdq", "qonnx", "ort"] if formats.strip() == "all" else [f.strip() for f in formats.split(",") if f.strip()]
     summary = export_checkpoint(checkpoint, bits=bits, prune_channels=prune_channels, formats=fmts,
                                 output=output, storage=storage, verify_samples=verify_samples, data_dir=data_dir,
-                                noise=not no_noise)
+                                noise=not no_noise, runtime=runtime)
     render_summary(summary, _console(stderr=False))
     _write_json(json_path, summary)
 
@@ -178,6 +182,8 @@ def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--isa", help="Integer kernels as computed on: exact (VNNI, AMX, ARM) or avx2 (x86 without VNNI: "
               "u8 x s8 pair sums saturate at int16). Default: this CPU. Another kind is emulated by the twin.")
+@click.option("--runtime", default="onnxruntime", show_default=True,
+              help="Runtime that scores and times the file: onnxruntime or openvino (pip install 'rcdeploy[openvino]').")
 @click.option("--json", "json_path", help="Write the full report as JSON to FILE ('-' for stdout).")
 @click.option("--csv", "csv_path", help="Append one summary row to FILE (header when new).")
 def bench(model: str, no_latency: bool, latency_seconds: float, **kwargs: Any) -> None:

@@ -29,9 +29,9 @@ class TrainConfig:
     # model and quantization
     model: str = "small_cnn"
     width: float | None = None           # channel width multiplier (model default when None)
-    bits: int | str = 4                  # weight bits: float, 8, 6, 5, 4, 3, 2 (ternary), 1 (binary)
+    bits: int | str = 4                  # weight bits: float, 8, 7, 6, 5, 4, 3, 2 (ternary), 1 (binary)
     act_bits: int | str = 8
-    first_last_bits: int | str | None = 8
+    first_last_bits: int | str | None = 8  # 7: every exported layer runs u8 x s8 kernels (see README, Export)
     bit_overrides: dict[str, int | str] = field(default_factory=dict)  # fnmatch layer pattern -> bits
     model_args: dict[str, Any] = field(default_factory=dict)  # extra model settings, e.g. {noise: 0.1} (EnResNet)
     quant_method: str = "qat"            # qat | binary-relax (relaxed weights, then exact Q(w); see quant/binary_relax)

@@ -60,7 +60,7 @@ def _randomize_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def make_checkpoint(path: Path, data, name: str, bits: int, *, width: float | None = None, steps: int = 40,
-                    act_bits: int = 8, zero: dict | None = None, seed: int = 0) -> Path:
+                    act_bits: int = 8, zero: dict | None = None, seed: int = 0, first_last_bits: int = 8) -> Path:
     """Train `name` for `steps` Adam steps on digits and save a real rcdeploy checkpoint.
 
     Trained to well-separated logits (~95% accuracy): a half-trained model's near-ties flip on any
@@ -68,7 +68,7 @@ def make_checkpoint(path: Path, data, name: str, bits: int, *, width: float | No
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     meta = data.meta
-    quant = QuantSpec(bits=bits, act_bits=act_bits)
+    quant = QuantSpec(bits=bits, act_bits=act_bits, first_last_bits=first_last_bits)
     kwargs = dict(num_classes=meta.num_classes, in_chans=meta.shape[0], mean=meta.mean, std=meta.std,
                   input_size=meta.shape[1])
     if width is not None:

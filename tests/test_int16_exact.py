@@ -293,3 +293,64 @@ def test_verification_passes_near_ties_and_fails_real_mismatches() -> None:
     swapped = np.roll(ref, 1, axis=1)  # a wrong graph
     assert judge(compare_logits(ref, swapped, step)) is not None
     assert judge(compare_logits(ref, swapped, None)) is not None  # no step (foreign): plain top-1 rule
+
+
+# ------------------------------------------------------------------------------------------ OpenVINO
+@pytest.fixture(scope="module")
+def ov_exports(tmp_path_factory, digits) -> dict[str, Path]:
+    """4-bit small CNN exported for OpenVINO with the first and last layers at 8 and at 7 bits."""
+    pytest.importorskip("openvino")
+    root = tmp_path_factory.mktemp("ov")
+    out = {}
+    for fl in (8, 7):
+        ckpt = make_checkpoint(root / f"fl{fl}.pt", digits, "small_cnn", 4, first_last_bits=fl)
+        out[fl] = root / f"fl{fl}.onnx"
+        export_checkpoint(ckpt, output=out[fl], runtime="openvino")
+    return out
+
+
+def test_export_for_openvino_keeps_int8_kernels_and_exactness(ov_exports) -> None:
+    """int8 storage (OpenVINO runs the packed INT4 chain in float); 7-bit first/last layers run int8 there
+    too, and every kernel stays within the int16 pair bound, so OpenVINO on AVX2 is exact as well."""
+    cards = {fl: json.loads(p.with_suffix(".json").read_text()) for fl, p in ov_exports.items()}
+    for card in cards.values():
+        assert card["runtime"] == "openvino" and card["storage"] == "int8"
+        assert card["kernels"]["int16_pairs"]["saturation_free"]
+        ov = card["openvino"]
+        assert ov["verification"]["within_tolerance"] >= 0.995 and ov["verification"]["top1_agreement"] >= 0.98
+        assert ov["int8_layers"]["layers"] == 4
+    assert {layer["kernel_form"] for layer in cards[7]["layers"]} == {"u8s8"}
+    assert cards[7]["openvino"]["int8_layers"]["int8"] == 4
+    # 8-bit first/last layers are uint8 (exact in every runtime): OpenVINO runs those two in float, and says so.
+    assert cards[8]["openvino"]["int8_layers"]["int8"] == 2
+    assert any("--first-last-bits 7" in n for n in cards[8]["notes"])
+
+
+def test_bench_in_openvino(ov_exports, tmp_path) -> None:
+    out = tmp_path / "ov.json"
+    main(["bench", str(ov_exports[7]), "--runtime", "openvino", "--attack", "ifgsm5", "--batch-sizes", "1",
+          "--latency-seconds", "0.05", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["runtime"] == "openvino" and rep["settings"]["scored_by"].startswith("openvino")
+    assert rep["latency"]["runtime"] == "openvino" and rep["latency"]["int8_layers"]["int8"] == 4
+    assert rep["versions"]["openvino"]
+    acc = rep["accuracy"]
+    assert acc["twin"]["clean_agreement_pct"] >= 99.0  # the onnxruntime-semantics twin predicts OpenVINO too
+    assert acc["robust"][0]["within_eps"] and acc["robust"][0]["robust_acc_pct"] < acc["clean_acc_pct"]
+    ort_out = tmp_path / "ort.json"
+    main(["bench", str(ov_exports[7]), "--attack", "none", "--no-latency", "--json", str(ort_out)])
+    assert abs(json.loads(ort_out.read_text())["accuracy"]["clean_acc_pct"] - acc["clean_acc_pct"]) <= 1.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "{m}", "--runtime", "foo"], "error: unknown --runtime 'foo'"),
+    (["bench", "{m}", "--runtime", "openvino", "--isa", "{other}"], "error: --isa"),
+    (["export", "missing.pt", "--runtime", "foo"], "error: unknown --runtime 'foo'"),
+])
+def test_bad_runtime_is_one_line_exit_2(foreign, tmp_path, args, message) -> None:
+    other = "avx2" if HERE == "exact" else "exact"
+    argv = [a.format(m=foreign, other=other) for a in args]
+    r = subprocess.run([sys.executable, "-m", "rcdeploy.cli", *argv, *(["--dataset", "digits"] if argv[0] == "bench"
+                        else [])], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith(message), r.stderr

@@ -294,6 +294,7 @@ def bench_model(
     latency_seconds: float = 1.0,
     progress: bool | Any = True,
     isa: str | None = None,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
     """Bench the ONNX file `model`; returns the report (JSON-able, units in the key names).
 
@@ -312,16 +313,22 @@ def bench_model(
     isa: what the integer kernels compute: 'exact' or 'avx2' (x86 without VNNI: u8 x s8 pair sums
         saturate at int16); default what this CPU does. When it is not what this CPU does, the twin
         emulates it and scores every image in place of onnxruntime (the report says so).
+    runtime: 'onnxruntime' or 'openvino' (optional extra): the runtime that scores the images and is
+        timed; the twin, the attacks' gradients and the static checks stay onnxruntime's graph semantics.
     """
     t_start = time.perf_counter()
     from rcdeploy.attacks import DEFAULT_STEP_FRACTION, parse_attacks
     from rcdeploy.runtime.cpu import cpu_kind, resolve_isa
-    from rcdeploy.runtime.session import get_target, load_model_proto, open_session
+    from rcdeploy.runtime.session import check_runtime, get_target, load_model_proto, open_runtime_session
 
     path = Path(model)
     profile = get_target(target)
     isa_v, here = resolve_isa(isa), cpu_kind()
     emulated = isa_v != here.isa
+    runtime = check_runtime(runtime)
+    if emulated and runtime != "onnxruntime":
+        raise UsageError(f"--isa {isa_v} emulates onnxruntime's integer kernels; with --runtime {runtime} bench scores "
+                         f"on this CPU only (here {here.isa}): drop --isa or use --runtime onnxruntime")
     proto = load_model_proto(path)  # not a file / not ONNX: UsageError
     input_name, dims = _image_input(proto, str(path))
     card, sidecar_note = read_sidecar(path)
@@ -402,7 +409,7 @@ def bench_model(
 
     # --- clean accuracy on onnxruntime -----------------------------------------------------------
     # Scoring uses every core whatever the target (mobile's one thread is a latency setting only).
-    session = open_session(proto, target=target, threads=work_threads or os.cpu_count() or 1)
+    session = open_runtime_session(path, runtime=runtime, target=target, threads=work_threads or os.cpu_count() or 1)
     twin_error = None
     try:
         from rcdeploy.deploy.twin import build_twin
@@ -476,7 +483,7 @@ def bench_model(
         with _ProgressSink(progress) as sink:
             for atk in attack_list:
                 box = atk.family == "square"
-                update = sink.task(f"{atk.name} ({'onnxruntime' if box else 'twin gradients'})", n)
+                update = sink.task(f"{atk.name} ({runtime if box else 'twin gradients'})", n)
                 t = time.perf_counter()
                 advs = []
                 queries = []
@@ -495,7 +502,7 @@ def bench_model(
                 score = (preds == y_np[None]).mean(0)
                 scores.append(score)
                 row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradients":
-                       "none (onnxruntime queries)" if box else "differentiable twin, straight-through rounding",
+                       f"none ({runtime} queries)" if box else "differentiable twin, straight-through rounding",
                        "robust_acc_pct": _pct(score.mean()),
                        "robust_acc_draws_pct": [_pct((p == y_np).mean()) for p in preds],
                        "max_perturbation": delta, "eps": atk.eps, "within_eps": bool(within),
@@ -564,9 +571,10 @@ def bench_model(
             notes.append(f"the model takes a fixed batch of {dims[0]}; latency measured at that batch only")
             lat_sizes = [dims[0]]
         with _ProgressSink(progress) as sink:
-            update = sink.task(f"latency, target {profile.name}, batch {','.join(map(str, lat_sizes))}", 1, unit="run")
+            update = sink.task(f"latency, target {profile.name}, {runtime}, batch {','.join(map(str, lat_sizes))}", 1,
+                               unit="run")
             lat = measure_in_subprocess(path, target=target, batch_sizes=lat_sizes, min_seconds=latency_seconds,
-                                        seed=seed)
+                                        seed=seed, runtime=runtime)
             update(advance=1)
         lat["integer_mac_share_pct"] = size["integer_mac_share_pct"]
         lat["optimized_op_histogram"] = graph.optimized_op_histogram
@@ -574,6 +582,7 @@ def bench_model(
     import onnxruntime as ort
 
     import rcdeploy
+    from rcdeploy.runtime.ov_session import openvino_version
 
     return {
         "format": REPORT_FORMAT,
@@ -611,8 +620,9 @@ def bench_model(
             "latency_min_seconds": latency_seconds if latency else None,
             "norm": "Linf",
             "isa": isa_v,
+            "runtime": runtime,
             "scored_by": (f"differentiable twin emulating {isa_v} (this CPU: {here.isa})" if emulated
-                          else f"onnxruntime on this CPU ({here.isa})"),
+                          else f"{runtime} on this CPU ({here.isa})"),
             "cpu": here.to_dict(),
         },
         "size": size,
@@ -623,6 +633,6 @@ def bench_model(
                   "_bytes": "bytes", "img_per_s": "images per second at the median latency",
                   "eps/step/max_perturbation": "L-inf, [0, 1] image units", "macs": "multiply-accumulates per image"},
         "versions": {"rcdeploy": rcdeploy.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
-                     "onnx": onnx.__version__},
+                     "onnx": onnx.__version__, **({"openvino": openvino_version()} if runtime == "openvino" else {})},
         "time_s": time.perf_counter() - t_start,
     }

@@ -1,4 +1,4 @@
-"""Latency, throughput, session load time and peak memory of an ONNX file in onnxruntime.
+"""Latency, throughput, session load time and peak memory of an ONNX file in onnxruntime (or OpenVINO).
 
 Measured in a fresh child process (`python -m rcdeploy.deploy.latency`, spec on stdin, JSON on
 stdout) so that nothing of the parent (torch's thread pool, the dataset, autograd buffers) shares
@@ -115,7 +115,8 @@ def _time_batch(session: Any, name: str, x: np.ndarray, min_repeats: int, min_se
 
 
 def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[int] | tuple[int, ...] = (1,),
-                    min_seconds: float = 1.0, min_repeats: int = MIN_REPEATS, seed: int = 0) -> dict[str, Any]:
+                    min_seconds: float = 1.0, min_repeats: int = MIN_REPEATS, seed: int = 0,
+                    runtime: str = "onnxruntime") -> dict[str, Any]:
     """Latency of `path` on the `target` profile in this process (see module docstring).
 
     Inputs are uniform random images in [0, 1] of the model's input shape (integer kernels take
@@ -124,7 +125,7 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
     """
     import onnxruntime as ort
 
-    from rcdeploy.runtime.session import get_target, input_spec, load_model_proto, open_session
+    from rcdeploy.runtime.session import get_target, input_spec, load_model_proto, open_runtime_session
 
     profile = get_target(target)
     baseline = _status_kib("VmRSS")
@@ -137,7 +138,7 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
     for _ in range(LOADS):
         session = None  # free the previous session before timing the next one
         t = time.perf_counter()
-        session = open_session(path, target=target)
+        session = open_runtime_session(path, runtime=runtime, target=target)
         load_s.append(time.perf_counter() - t)
     name, shape = input_spec(session)
     if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
@@ -156,13 +157,24 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
         whole = _rusage_peak_bytes()
         memory = {"memory_method": "whole process peak RSS (getrusage); no per-session reset available",
                   "session_peak_rss_delta_bytes": None, "peak_rss_bytes": whole}
+    engine: dict[str, Any] = {
+        "runtime": runtime,
+        "execution_mode": "sequential" if profile.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL else "parallel",
+        "graph_optimization": str(profile.optimization).rsplit(".", 1)[-1],
+        "onnxruntime": ort.__version__,
+    }
+    if runtime == "openvino":
+        from rcdeploy.runtime.ov_session import openvino_version
+
+        engine = {"runtime": runtime, "openvino": openvino_version(), "openvino_config":
+                  "CPU, INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, NUM_STREAMS 1",
+                  "int8_layers": session.int8_layers()}
     return {
         "target": profile.name,
         "description": profile.description,
         "intra_op_threads": profile.intra_op_threads(),
         "inter_op_threads": 1,
-        "execution_mode": "sequential" if profile.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL else "parallel",
-        "graph_optimization": str(profile.optimization).rsplit(".", 1)[-1],
+        **engine,
         "cpu_count": os.cpu_count(),
         "session_load_s": load_s[0],
         "session_load_median_s": float(np.median(load_s)),
@@ -171,16 +183,17 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
         "rss_after_bytes": rss_after * 1024 if rss_after is not None else None,
         **memory,
         "input": "uniform random images in [0, 1]",
-        "onnxruntime": ort.__version__,
         "batches": rows,
     }
 
 
 def measure_in_subprocess(path: str | Path, *, target: str = "cpu", batch_sizes: list[int] | tuple[int, ...] = (1,),
-                          min_seconds: float = 1.0, min_repeats: int = MIN_REPEATS, seed: int = 0) -> dict[str, Any]:
+                          min_seconds: float = 1.0, min_repeats: int = MIN_REPEATS, seed: int = 0,
+                          runtime: str = "onnxruntime") -> dict[str, Any]:
     """`measure_latency` in a fresh Python process (same interpreter); UsageErrors come back as such."""
     spec = {"path": str(Path(path).resolve()), "target": target, "batch_sizes": [int(b) for b in batch_sizes],
-            "min_seconds": float(min_seconds), "min_repeats": int(min_repeats), "seed": int(seed)}
+            "min_seconds": float(min_seconds), "min_repeats": int(min_repeats), "seed": int(seed),
+            "runtime": runtime}
     env = dict(os.environ)
     # The child must find this rcdeploy even when it runs from a checkout that is not installed.
     root = str(Path(__file__).resolve().parents[2])
@@ -207,7 +220,8 @@ def _main() -> None:
     spec = json.loads(sys.stdin.read())
     try:
         out = measure_latency(spec["path"], target=spec["target"], batch_sizes=spec["batch_sizes"],
-                              min_seconds=spec["min_seconds"], min_repeats=spec["min_repeats"], seed=spec["seed"])
+                              min_seconds=spec["min_seconds"], min_repeats=spec["min_repeats"], seed=spec["seed"],
+                              runtime=spec.get("runtime", "onnxruntime"))
     except UsageError as e:
         out = {"usage_error": str(e)}
     sys.stdout.write(json.dumps(out) + "\n")

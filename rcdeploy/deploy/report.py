@@ -100,6 +100,8 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
     console.print(f"[bold]rcdeploy bench[/] {m.get('path')}: {s.get('dataset')}, {s.get('samples')} test images, "
                   f"eps {fmt_eps(s.get('eps'))} ({s.get('eps_source')}), target {s.get('target')}"
                   + (" [yellow](stochastic graph)[/]" if m.get("stochastic") else ""))
+    if (s.get("cpu") or {}).get("description"):
+        console.print(f"[dim]CPU: {s['cpu']['description']}[/]")
 
     by_dtype = ", ".join(f"{k} {_bytes(v)}" for k, v in (size.get("bytes_by_dtype") or {}).items())
     t = _table(title="size")
@@ -117,11 +119,14 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
         console.print(f"int16 pair sums: {state}; accuracy as computed on: {s.get('isa')}")
 
     if lat:
+        mode = f", {lat['execution_mode']} execution" if lat.get("execution_mode") else ""
         caption = (f"{lat.get('description')}; intra-op threads {lat.get('intra_op_threads')} of "
-                   f"{lat.get('cpu_count')} cores, {lat.get('execution_mode')} execution; session load "
+                   f"{lat.get('cpu_count')} cores{mode}; session load "
                    f"{_ms(1e3 * lat['session_load_s'])} ms; peak RSS +{_bytes(lat.get('session_peak_rss_delta_bytes'))} "
                    f"over {_bytes(lat.get('baseline_rss_bytes'))} ({lat.get('memory_method')})")
-        t = _table(title=f"latency, target {lat.get('target')}, onnxruntime {lat.get('onnxruntime', '')}")
+        engine = (f"openvino {lat.get('openvino', '')}" if lat.get("runtime") == "openvino"
+                  else f"onnxruntime {lat.get('onnxruntime', '')}")
+        t = _table(title=f"latency, target {lat.get('target')}, {engine}")
         for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "runs"):
             t.add_column(col, justify="right")
         for b in lat.get("batches", []):
@@ -130,6 +135,11 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
                       f"{ips:,.0f}" if ips else "-", f"{b['repeats']}" + ("" if b.get("stable") else " (unstable)"))
         console.print(t)
         console.print(f"[dim]{caption}[/]")
+        ov = lat.get("int8_layers")
+        if ov:
+            floats = ov.get("float") or []
+            console.print(f"OpenVINO runs {ov['int8']} of {ov['layers']} conv/matmul layers as int8 kernels"
+                          + (f"; in float: {', '.join(floats[:6])}{' ...' if len(floats) > 6 else ''}" if floats else ""))
 
     twin = acc.get("twin") or {}
     scorer = s.get("scored_by") or "onnxruntime on the file"
@@ -147,7 +157,8 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
         t.add_row("[bold]worst case[/]", f"[bold]{_pct(acc['worst_case_acc_pct'])}[/]",
                   _pct(twin.get("adversarial_agreement_pct")), "", "", "")
     console.print(t)
-    console.print("[dim]twin agrees: top-1 of the differentiable twin = onnxruntime's on this CPU; max|dx|: max |x_adv - x|; "
+    console.print(f"[dim]twin agrees: top-1 of the differentiable twin = {s.get('runtime') or 'onnxruntime'}'s on this CPU; "
+                  "max|dx|: max |x_adv - x|; "
                   "valid: every adversarial image within eps of its original and in [0, 1][/]")
     for flag in acc.get("flags", []):
         console.print(f"[bold red]warning:[/] {flag}")

@@ -20,6 +20,8 @@ from rcdeploy.io import atomic_write_files
 from rcdeploy.quant.presets import FLOAT, bits_name, parse_bits
 from rcdeploy.quant.spec import QuantSpec, layer_bits, weight_layers
 from rcdeploy.runtime.cpu import cpu_kind
+from rcdeploy.runtime.ov_session import openvino_version
+from rcdeploy.runtime.session import check_runtime
 
 FORMATS = ("qdq", "qonnx", "ort")
 QONNX_CHECK_IMAGES = 8  # qonnx's executor runs node by node (~0.5 s per ResNet-20 image)
@@ -127,9 +129,14 @@ def _act_bits(model: nn.Module) -> dict[str, int | None]:
 
 def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | str | None = None,
                       prune_channels: bool = False, formats: Sequence[str] | str = ("qdq",),
-                      output: str | Path = "model.onnx", storage: str = "packed", verify_samples: int = 512,
-                      data_dir: str | Path | None = None, noise: bool = True) -> dict[str, Any]:
+                      output: str | Path = "model.onnx", storage: str | None = None, verify_samples: int = 512,
+                      data_dir: str | Path | None = None, noise: bool = True,
+                      runtime: str = "onnxruntime") -> dict[str, Any]:
     """Export a training checkpoint; returns a JSON-able summary (files, sizes, verification, kernels).
+
+    runtime: the runtime the file is for. "openvino" stores sub-8-bit weights as plain int8 (OpenVINO runs
+    the packed INT4 -> Cast -> Mul chain in float) and also verifies the file in OpenVINO, reporting which
+    layers it runs as int8 kernels. storage: None means the runtime's choice (packed / int8).
 
     Raises UsageError for bad input and VerificationError when an exported file does not compute what
     the PyTorch model computes; in both cases nothing is written.
@@ -141,6 +148,13 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
     from rcdeploy.train.checkpoint import load_model
 
     fmts = parse_formats(formats)
+    runtime = check_runtime(runtime)
+    if storage is None:
+        storage = "int8" if runtime == "openvino" else "packed"
+    if runtime == "openvino":
+        if not openvino_version():  # before any work
+            raise UsageError("--runtime openvino needs OpenVINO: pip install 'rcdeploy[openvino]' (or pip install "
+                             "openvino)")
     if storage not in STORAGES:
         raise UsageError(f"unknown storage {storage!r}; choose one of: {', '.join(STORAGES)}")
     if int(verify_samples) < 1:
@@ -216,6 +230,14 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
                              "packed INT4 file in integer kernels; load it with rcdeploy.runtime.session.open_session "
                              "or export with --storage int8")
         summary["kernels"] = kernels
+        if runtime == "openvino":
+            summary["openvino_verification"], summary["openvino_int8_layers"] = _verify_in_openvino(
+                ex.model, model, x_ver, ex.logit_step)
+            floats = summary["openvino_int8_layers"]["float"]
+            if floats:
+                notes.append(f"OpenVINO runs {len(floats)} of {summary['openvino_int8_layers']['layers']} conv/matmul "
+                             "layers in float (8-bit layers are stored as uint8 so that no CPU saturates them; "
+                             "train them at 7 bits, --first-last-bits 7, for int8 kernels in OpenVINO too)")
         pairs = kernels["int16_pairs"]
         if not pairs["saturation_free"]:
             worst = max((r for r in pairs["per_kernel"] if r["can_saturate"]), key=lambda r: r["worst_pair"] or 0)
@@ -275,6 +297,10 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
         "verification": {k: summary.get(k) for k in ("verification", "ort_verification", "qonnx_verification")
                          if k in summary},
         "kernels": summary.get("kernels"),
+        "runtime": runtime,
+        "openvino": ({"verification": summary["openvino_verification"], "int8_layers": summary["openvino_int8_layers"],
+                      "version": openvino_version()} if runtime == "openvino" and "openvino_verification" in summary
+                     else None),
         "exported_on": cpu_kind().to_dict(),
         "pruning": summary.get("pruning"),
         "ptq": summary.get("ptq"),
@@ -289,6 +315,20 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
     summary["macs"] = export_info["macs"]
     summary["notes"] = notes
     return sidecar.jsonable(summary)
+
+
+def _verify_in_openvino(proto: Any, model: nn.Module, x: torch.Tensor, logit_step: float) -> tuple[dict, dict]:
+    """The export verification, run in OpenVINO on the same images; and which layers it runs as int8."""
+    from rcdeploy.export.verify import compare_logits, judge, torch_logits
+    from rcdeploy.runtime.ov_session import OpenVinoSession
+    from rcdeploy.runtime.session import run_logits
+
+    session = OpenVinoSession(proto, threads=1)
+    check = compare_logits(torch_logits(model, x), run_logits(session, x.numpy()), logit_step)
+    failure = judge(check)
+    if failure:
+        raise VerificationError(f"in OpenVINO, {failure}; nothing was written")
+    return check, session.int8_layers()
 
 
 def render_summary(summary: dict[str, Any], console: Any) -> None:
@@ -317,6 +357,12 @@ def render_summary(summary: dict[str, Any], console: Any) -> None:
     if kernels and "integer_mac_share" in kernels:
         console.print(f"onnxruntime integer kernels: {kernels['integer_mac_share']:.1%} of "
                       f"{kernels['macs_total']:,} MACs; float Conv nodes: {kernels['float_conv_nodes']}")
+    ov = summary.get("openvino_verification")
+    if ov:
+        layers = summary.get("openvino_int8_layers") or {}
+        console.print(f"verified in OpenVINO: top-1 agreement {ov['top1_agreement']:.2%}, max |logit diff| "
+                      f"{ov['max_abs_logit_diff']:.4g}; int8 kernels for {layers.get('int8')} of {layers.get('layers')} "
+                      "conv/matmul layers")
     q = summary.get("qonnx_verification")
     if q:
         console.print(f"QONNX checked with qonnx's executor on {q['samples']} images: agreement "

@@ -31,6 +31,13 @@ class Int8Weight(IntWeightPerChannelLearned):
     bit_width = 8
 
 
+class Int7Weight(IntWeightPerChannelLearned):
+    """7 bits: |w| <= 63, so every u8 x s8 pair sum stays within int16 on x86 without VNNI (see
+    rcdeploy.runtime.u8s8) and 8-bit-class layers keep int8 kernels in every runtime."""
+
+    bit_width = 7
+
+
 class Int6Weight(IntWeightPerChannelLearned):
     bit_width = 6
 
@@ -78,7 +85,7 @@ class Int4Act(Int8Act):
     bit_width = 4
 
 
-WEIGHT_QUANT = {8: Int8Weight, 6: Int6Weight, 5: Int5Weight, 4: Int4Weight, 3: Int3Weight,
+WEIGHT_QUANT = {8: Int8Weight, 7: Int7Weight, 6: Int6Weight, 5: Int5Weight, 4: Int4Weight, 3: Int3Weight,
                 2: TernaryWeight, 1: BinaryWeight, FLOAT: None}
 UNSIGNED_ACT_QUANT = {8: Uint8Act, 4: Uint4Act, FLOAT: None}
 SIGNED_ACT_QUANT = {8: Int8Act, 4: Int4Act, FLOAT: None}

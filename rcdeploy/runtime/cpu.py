@@ -8,6 +8,7 @@ behaviours are named by `ISAS`: "avx2" (pairwise int16 saturation of u8 x s8 ker
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ from rcdeploy.errors import UsageError
 __all__ = ["ISAS", "CpuKind", "cpu_kind", "resolve_isa"]
 
 ISAS = ("exact", "avx2")
+# Overrides what /proc/cpuinfo says, for emulators whose code runs on another CPU than the host's
+# /proc/cpuinfo describes (qemu-user passes the host's file through).
+ISA_ENV = "RCDEPLOY_ISA"
 # Any one of these gives onnxruntime an int32-accumulating u8 x s8 kernel on x86.
 _EXACT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
@@ -29,6 +33,7 @@ class CpuKind:
     machine: str  # platform.machine(), lower case
     flags: frozenset[str]  # the int8-relevant flags found in /proc/cpuinfo
     model: str = ""
+    forced: str | None = None  # ISA_ENV's value, when set
 
     @property
     def is_x86(self) -> bool:
@@ -37,6 +42,8 @@ class CpuKind:
     @property
     def isa(self) -> str:
         """"avx2" where u8 x s8 pair sums saturate at int16 (x86 without VNNI/AMX), else "exact"."""
+        if self.forced:
+            return self.forced
         if self.is_x86 and not any(f in self.flags for f in _EXACT_FLAGS):
             return "avx2"
         return "exact"
@@ -46,7 +53,8 @@ class CpuKind:
         found = [f for f in (*_EXACT_FLAGS, "avx512f", "avx2") if f in self.flags]
         what = ("u8 x s8 pair sums saturate at int16" if self.isa == "avx2" else "u8 x s8 kernels exact")
         name = f" ({self.model})" if self.model else ""
-        return f"{self.machine} {'/'.join(found) or 'no AVX2/VNNI flags'}{name}: {what}"
+        forced = f" ({ISA_ENV}={self.forced})" if self.forced else ""
+        return f"{self.machine} {'/'.join(found) or 'no AVX2/VNNI flags'}{name}: {what}{forced}"
 
     def to_dict(self) -> dict[str, object]:
         return {"machine": self.machine, "model": self.model, "flags": sorted(self.flags), "isa": self.isa,
@@ -54,8 +62,9 @@ class CpuKind:
 
 
 def cpu_kind(cpuinfo: str | None = None, machine: str | None = None) -> CpuKind:
-    """The CPU kind of this machine (or of a given /proc/cpuinfo text, for tests)."""
+    """The CPU kind of this machine (or of a given /proc/cpuinfo text, for tests; ISA_ENV then is ignored)."""
     machine = (machine or platform.machine() or "unknown").lower()
+    reading_this_cpu = cpuinfo is None
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -71,7 +80,10 @@ def cpu_kind(cpuinfo: str | None = None, machine: str | None = None) -> CpuKind:
         elif key == "model name" and not model:
             model = value.strip()
     wanted = {*_EXACT_FLAGS, "avx2", "avx512f"}
-    return CpuKind(machine, frozenset(flags & wanted), model)
+    forced = (os.environ.get(ISA_ENV, "").strip().lower() or None) if reading_this_cpu else None
+    if forced is not None and forced not in ISAS:
+        raise UsageError(f"{ISA_ENV}={forced!r} is not one of: {', '.join(ISAS)}")
+    return CpuKind(machine, frozenset(flags & wanted), model, forced)
 
 
 def resolve_isa(isa: str | None) -> str:

@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,11 +22,14 @@ from onnx import TensorProto, numpy_helper
 from rcdeploy.errors import UsageError
 
 __all__ = [
+    "RUNTIMES",
     "TARGETS",
+    "check_runtime",
     "TargetProfile",
     "get_target",
     "input_spec",
     "load_model_proto",
+    "open_runtime_session",
     "open_session",
     "optimized_graph",
     "run_logits",
@@ -72,6 +76,9 @@ TARGETS: dict[str, TargetProfile] = {
         description="one phone-class core: 1 thread, sequential execution, batch 1",
     ),
 }
+
+# Runtimes a deployed file can be scored and timed in (OpenVINO is an optional extra).
+RUNTIMES = ("onnxruntime", "openvino")
 
 # 4-bit element types and the 8-bit type that holds the same values.
 _WIDER = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
@@ -208,6 +215,35 @@ def open_session(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         name = str(model) if isinstance(model, (str, Path)) else "the model"
         raise UsageError(f"onnxruntime cannot load {name}: {first}") from None
+
+
+def check_runtime(runtime: str) -> str:
+    """The runtime's canonical name; unknown names are a UsageError listing the known ones."""
+    name = str(runtime).strip().lower()
+    if name not in RUNTIMES:
+        raise UsageError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    return name
+
+
+def open_runtime_session(model: str | Path | onnx.ModelProto, *, runtime: str = "onnxruntime", target: str = "cpu",
+                         threads: int | None = None) -> Any:
+    """A session of `runtime` for `model` with onnxruntime's run/get_inputs/get_outputs API.
+
+    onnxruntime: `open_session`. openvino: `rcdeploy.runtime.ov_session.OpenVinoSession`, with the
+    target profile's threads; it reads the file as it is (no INT4 widening: what an OpenVINO user gets).
+    """
+    name = check_runtime(runtime)
+    if name == "onnxruntime":
+        return open_session(model, target=target, threads=threads)
+    from rcdeploy.runtime.ov_session import OpenVinoSession
+
+    profile = get_target(target)
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
+    source = model if isinstance(model, onnx.ModelProto) else Path(model)
+    if not isinstance(source, onnx.ModelProto):
+        load_model_proto(source)  # the same checks and messages as onnxruntime's path
+    return OpenVinoSession(source, threads=threads or profile.intra_op_threads())
 
 
 def input_spec(session: ort.InferenceSession) -> tuple[str, list]:
