@@ -1,6 +1,6 @@
-"""Run every speed/size benchmark (`make bench`): inference, attack and training throughput.
+"""Run every speed/size benchmark (`make bench`): inference (onnxruntime, OpenVINO), attack and training throughput.
 
-    python benchmarks/run_all.py [--quick] [--only inference,attack,train]
+    python benchmarks/run_all.py [--quick] [--only inference,openvino,attack,train]
 
 Each script runs in its own Python process (so torch / onnxruntime thread settings of one never
 leak into the next), prints its table, and rewrites its own section of BENCHMARKS.md and its key
@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {"inference": "inference.py", "attack": "attack_speed.py", "train": "train_speed.py"}
+SCRIPTS = {"inference": "inference.py", "openvino": "openvino_speed.py", "attack": "attack_speed.py",
+           "train": "train_speed.py"}
 
 
 def main(argv: list[str] | None = None) -> int:
