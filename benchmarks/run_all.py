@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {"inference": "inference.py", "openvino": "openvino_speed.py", "attack": "attack_speed.py",
+SCRIPTS = {"inference": "inference.py", "openvino": "openvino_speed.py", "exactness": "exactness.py",
+           "attack": "attack_speed.py",
            "train": "train_speed.py"}
 
 
