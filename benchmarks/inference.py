@@ -89,7 +89,7 @@ class Candidate:
 # ----------------------------------------------------------------------------------------- models
 
 
-def make_model(net: str, bits: int, seed: int = 0, prune: float = 0.0) -> Any:
+def make_model(net: str, bits: int, seed: int = 0, prune: float = 0.0, first_last_bits: int = 8) -> Any:
     """rcdeploy's `net` with random weights and BN statistics; quantized ones calibrated on random images.
 
     prune: zero that share of every prunable channel group (the removable way) before calibration,
@@ -105,7 +105,8 @@ def make_model(net: str, bits: int, seed: int = 0, prune: float = 0.0) -> Any:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     float_model = bits == 32
-    quant = QuantSpec(bits=bits, act_bits=32 if float_model else 8, first_last_bits=None if float_model else 8)
+    quant = QuantSpec(bits=bits, act_bits=32 if float_model else 8,
+                      first_last_bits=None if float_model else first_last_bits)
     model = create_model(net, num_classes=10, in_chans=spec["shape"][0], mean=spec["mean"], std=spec["std"],
                          quant=quant, input_size=spec["shape"][1])
     for m in model.modules():

@@ -52,34 +52,10 @@ def build(log: Any) -> list[tuple[str, bytes]]:
     w4 = inference.make_model("resnet20", 4)
     cands.append(("rcdeploy w4 (packed)", build_qdq(w4, shape, storage="packed").to_bytes()))
     cands.append(("rcdeploy w4 (openvino)", build_qdq(w4, shape, storage="int8").to_bytes()))
-    cands.append((OURS, build_qdq(make_fl7(), shape, storage="int8").to_bytes()))
+    fl7 = inference.make_model("resnet20", 4, first_last_bits=7)
+    cands.append((OURS, build_qdq(fl7, shape, storage="int8").to_bytes()))
     log(f"  built {len(cands)} forms")
     return cands
-
-
-def make_fl7() -> Any:
-    """inference.make_model('resnet20', 4) with the first and last layers at 7 bits."""
-    import torch
-
-    from rcdeploy.models import create_model
-    from rcdeploy.quant.calibrate import calibrate_activations
-    from rcdeploy.quant.spec import QuantSpec
-
-    spec = inference.NETS["resnet20"]
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    model = create_model("resnet20", num_classes=10, in_chans=3, mean=spec["mean"], std=spec["std"],
-                         quant=QuantSpec(bits=4, act_bits=8, first_last_bits=7), input_size=32)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    calibrate_activations(model, [torch.rand(64, *spec["shape"], generator=gen) for _ in range(2)])
-    return model.eval()
 
 
 def ov_session(data: bytes, threads: int) -> Any:

@@ -110,7 +110,8 @@ def test_widening_preserves_values_and_logits(models: dict) -> None:
 
 
 def test_run_logits_batches_and_checks_shape(models: dict) -> None:
-    session = open_session(models["qdq_u8s8"])
+    # The INT4 model: exact on every CPU (the U8S8 one saturates on x86 without VNNI, where its accuracy drops).
+    session = open_session(models["qdq_int4"])
     name, shape = input_spec(session)
     assert name == "input" and shape[1:] == [1, 8, 8] and not isinstance(shape[0], int)
     x, y = digits()
