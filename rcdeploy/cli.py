@@ -9,11 +9,40 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from rcdeploy.errors import UsageError, VerificationError
+
+MAX_SEED = 2**32 - 1
+INTERNAL_ERROR_EXIT = 3  # a bug in rcdeploy, not bad input: still one line, the traceback only on request
+DEBUG_ENV = "RCDEPLOY_DEBUG"  # set to 1 for the traceback of an internal error
+# Warnings from libraries the user cannot act on (Brevitas' optional-kernel notices, torch/onnx deprecations):
+# the CLI owns the terminal, and an error must stay one line. rcdeploy's own warnings stay, as one line each.
+QUIET_MODULES = r"(brevitas|torch|onnx|onnxscript|onnxruntime|qonnx|onnxoptimizer|sklearn|numpy|openvino|rich)(\.|$)"
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is finite and inside (low, high]: click's FloatRange lets NaN through."""
+
+    name = "float"
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        import math
+
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or not self.low < v <= self.high:
+            self.fail(f"{value!r} must be a finite number in ({self.low:g}, {self.high:g}]", param, ctx)
+        return v
 
 
 def _console(stderr: bool = True):
@@ -22,235 +51,411 @@ def _console(stderr: bool = True):
     return Console(stderr=stderr, soft_wrap=True)  # long lines stay whole in logs
 
 
-def _write_json(path: str | None, payload: Any) -> None:
+def _check_out(path: str | None, label: str) -> None:
+    """Before the work: an output that cannot be written fails now, not after it."""
+    if path is not None and path != "-":
+        from rcdeploy.io import check_writable
+
+        check_writable(path, label)
+
+
+def _json_output(path: str | None, payload: Any, label: str = "--json") -> list:
+    """The JSON output as a pending write (`rcdeploy.io.deliver`); '-' prints it now."""
     if path is None:
-        return
-    text = json.dumps(payload, indent=2, default=str)
+        return []
+    text = json.dumps(payload, indent=2, default=str) + "\n"
     if path == "-":
-        click.echo(text)
-        return
-    from rcdeploy.io import atomic_write_text
+        click.echo(text, nl=False)
+        return []
+    from pathlib import Path
 
-    atomic_write_text(path, text + "\n")
+    from rcdeploy.io import Pending, atomic_write_text
+
+    return [Pending(label, Path(path), lambda: atomic_write_text(path, text), text.encode())]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _deliver(outputs: list) -> None:
+    from rcdeploy.io import deliver
+
+    deliver(outputs)
+
+
+EXAMPLES_TRAIN = """
+\b
+Examples:
+  rcdeploy train                                    # the quick-start: digits, 4-bit, PGD, 50% channels pruned
+  rcdeploy train --config cifar10-resnet20-w4 --data-dir data/cifar10 --epochs 5 --name r20w4
+  rcdeploy train --resume runs/r20w4                # continue an interrupted run with its own settings
+\b
+Defaults: a value given here overrides the recipe's; '[default: ...]' shows the built-in value, and the
+quick-start recipe's where it differs (it applies when neither --dataset nor --model names something else).
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="rcdeploy")
 def cli() -> None:
-    """Robust, compressed, integer image classifiers: train -> export -> bench."""
+    """Robust, compressed, integer image classifiers: train -> export -> bench.
+
+    \b
+    Examples:
+      rcdeploy train --epochs 3 --name demo             # runs/demo/{best.pt,last.pt,metrics.jsonl,config.yaml}
+      rcdeploy export runs/demo/best.pt --bits 4 --prune-channels -o demo.onnx
+      rcdeploy bench demo.onnx --attack ifgsm20 --json demo.json --csv runs.csv
+
+    Bad input is one `error:` line on stderr and exit code 2; see `rcdeploy COMMAND --help`.
+    """
 
 
 # ----------------------------------------------------------------------------------------- train
 def _key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
     """('lambda1=0.05', 'beta=1') -> {'lambda1': 0.05, 'beta': 1}; values read as YAML scalars."""
-    import yaml
+    from rcdeploy.validate import safe_yaml
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--{what.replace('_', '-')[:-1]} {item!r}: write KEY=VALUE, e.g. lambda1=0.05")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
+        try:  # bounded like a recipe: a value is YAML too
+            out[key.strip()] = safe_yaml(value, f"--{what.replace('_', '-')[:-1]} {key.strip()}")
+        except UsageError:
             out[key.strip()] = value
     return out
 
 
-@cli.command()
-@click.option("--config", "recipe", help="Recipe YAML (path or bundled name); default: the quick-start recipe "
-              "when neither --dataset nor --model names something else, else the generic defaults.")
-@click.option("--model", help="Model name (e.g. small_cnn, resnet20, preact_resnet18, mobilenetv2, en5resnet20).")
-@click.option("--width", type=float, help="Channel width multiplier.")
-@click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, svhn or folder:PATH.")
-@click.option("--data-dir", help="Folder holding the dataset files (default $RCDEPLOY_DATA or ./data).")
-@click.option("--download", is_flag=True, default=None, help="Fetch the standard dataset files (needs a network).")
-@click.option("--bits", help="Weight bits: float, 8, 6, 5, 4, 3, 2 (ternary), 1 (binary).")
-@click.option("--act-bits", help="Activation bits (8 keeps int8 kernels at export).")
-@click.option("--first-last-bits", help="Weight bits of the first and last layers (default 8; 7 keeps every layer "
-              "on u8 x s8 kernels at export, which OpenVINO runs as int8 too).")
-@click.option("--adv", help="Adversarial objective: none, fgsm-rs, pgd, trades.")
-@click.option("--eps", help="L-inf budget in image units, e.g. 8/255.")
-@click.option("--steps", type=int, help="Attack steps during training (pgd, trades).")
-@click.option("--step-size", help="Attack step size, e.g. 2/255 (default 2.5*eps/steps).")
-@click.option("--beta", type=float, help="TRADES trade-off weight.")
-@click.option("--quant", "quant_method", help="Weight quantization training: qat (default) or binary-relax.")
-@click.option("--br-lambda", type=float, help="Binary-Relax: initial lambda of (w + lambda Q(w)) / (1 + lambda).")
-@click.option("--br-growth", type=float, help="Binary-Relax: lambda multiplier per epoch, e.g. 1.05.")
-@click.option("--eot", type=int, help="Noise draws per evaluation for stochastic models (EnResNet), e.g. 5.")
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
-              help="Extra model setting, repeatable, e.g. --model-arg noise=0 (EnResNet without noise).")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--train-samples", type=int, help="Train on a seeded subset of this many images (short runs).")
-@click.option("--lr", type=float)
-@click.option("--schedule", help="cosine, piecewise or constant.")
-@click.option("--optimizer", help="sgd or adam.")
-@click.option("--prune-channels", type=float, help="Target share of prunable channels to remove, e.g. 0.5.")
-@click.option("--sparsity", help="Sparsity method: group-lasso, rgsm, slimming (channels); rvsm, admm (weights).")
-@click.option("--sparsity-param", "sparsity_params", multiple=True, metavar="KEY=VALUE",
-              help="Sparsity method setting, repeatable, e.g. --sparsity-param lambda1=0.05 (rgsm).")
-@click.option("--prune-weights", type=float, help="rvsm/admm: target share of weights zeroed, e.g. 0.8.")
-@click.option("--channel-multiple", type=int, help="Round kept channel counts up to a multiple.")
-@click.option("--seed", type=int)
-@click.option("--device", help="auto, cpu or cuda.")
-@click.option("--threads", type=int, help="CPU threads for torch (tiny models are fastest on 1).")
-@click.option("--out", help="Folder for run folders (default runs/).")
-@click.option("--name", help="Run folder name.")
-@click.option("--resume", type=click.Path(), help="Continue an interrupted run (its folder or last.pt).")
-@click.option("--json", "json_path", help="Write the final metrics as JSON to FILE ('-' for stdout).")
+def _default(name: str) -> str:
+    """What a train option falls back to: the built-in default, and the quick-start's where it differs."""
+    import dataclasses
+
+    from rcdeploy.config import TrainConfig, load_recipe
+
+    f = {x.name: x for x in dataclasses.fields(TrainConfig)}[name]
+    builtin = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    quick = load_recipe("quickstart").get(name, builtin)
+    shown = "none" if builtin in (None, {}, []) else str(builtin)
+    return shown if quick == builtin else f"{quick} in the quick-start, else {shown}"
+
+
+def _opt(*decls: str, setting: str | None = None, **kw: Any):
+    """A train option whose help shows its default (from TrainConfig and the quick-start recipe)."""
+    name = setting or decls[-1].lstrip("-").replace("-", "_")
+    return click.option(*decls, show_default=_default(name), **kw)
+
+
+@cli.command(epilog=EXAMPLES_TRAIN)
+@click.option("--config", "recipe", help="Recipe YAML (path or bundled name).", show_default="quickstart when "
+              "neither --dataset nor --model names something else, else the built-in defaults")
+@_opt("--model", help="Model name (e.g. small_cnn, resnet20, preact_resnet18, mobilenetv2, en5resnet20).")
+@_opt("--width", type=float, help="Channel width multiplier (none: the model's own).")
+@_opt("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, svhn or folder:PATH.")
+@_opt("--data-dir", help="Folder holding the dataset files (none: $RCDEPLOY_DATA, else ./data).")
+@_opt("--download", is_flag=True, default=None, help="Fetch the standard dataset files (needs a network).")
+@_opt("--bits", help="Weight bits: float, 8, 7, 6, 5, 4, 3, 2 (ternary), 1 (binary).")
+@_opt("--act-bits", help="Activation bits (8 keeps int8 kernels at export).")
+@_opt("--first-last-bits", help="Weight bits of the first and last layers (7 keeps every layer "
+      "on u8 x s8 kernels at export, which OpenVINO runs as int8 too).")
+@_opt("--adv", help="Adversarial objective: none, fgsm-rs, pgd, trades.")
+@_opt("--eps", help="L-inf budget in image units, e.g. 8/255 (none: the dataset's literature value).")
+@_opt("--steps", type=click.IntRange(1, 10_000), help="Attack steps during training (pgd, trades).")
+@_opt("--step-size", help="Attack step size, e.g. 2/255 (none: 2.5*eps/steps).")
+@_opt("--beta", type=float, help="TRADES trade-off weight.")
+@_opt("--quant", "quant_method", setting="quant_method", help="Weight quantization training: qat or binary-relax.")
+@_opt("--br-lambda", type=float, help="Binary-Relax: initial lambda of (w + lambda Q(w)) / (1 + lambda).")
+@_opt("--br-growth", type=float, help="Binary-Relax: lambda multiplier per epoch.")
+@_opt("--eot", type=click.IntRange(1, 10_000), help="Noise draws per evaluation for stochastic models (EnResNet).")
+@_opt("--model-arg", "model_args", setting="model_args", multiple=True, metavar="KEY=VALUE",
+      help="Extra model setting, repeatable, e.g. --model-arg noise=0 (EnResNet without noise).")
+@_opt("--epochs", type=click.IntRange(1, 100_000), help="Training epochs (with --resume: train the run further).")
+@_opt("--batch-size", type=click.IntRange(1, 1 << 20), help="Images per training batch.")
+@_opt("--train-samples", type=click.IntRange(1), help="Train on a seeded subset of this many images (short runs).")
+@_opt("--lr", type=float, help="Peak learning rate.")
+@_opt("--schedule", help="cosine, piecewise or constant.")
+@_opt("--optimizer", help="sgd or adam.")
+@_opt("--prune-channels", type=float, help="Target share of prunable channels to remove, e.g. 0.5.")
+@_opt("--sparsity", help="Sparsity method: group-lasso, rgsm, slimming (channels); rvsm, admm (weights).")
+@_opt("--sparsity-param", "sparsity_params", setting="sparsity_params", multiple=True, metavar="KEY=VALUE",
+      help="Sparsity method setting, repeatable, e.g. --sparsity-param lambda1=0.05 (rgsm).")
+@_opt("--prune-weights", type=float, help="rvsm/admm: target share of weights zeroed, e.g. 0.8.")
+@_opt("--channel-multiple", type=click.IntRange(1, 4096), help="Round kept channel counts up to a multiple.")
+@_opt("--seed", type=click.IntRange(0, MAX_SEED), help="Random seed (weights, batches, attacks).")
+@_opt("--device", help="auto, cpu or cuda.")
+@_opt("--threads", type=click.IntRange(1, 4096), help="CPU threads for torch (none: torch's default; tiny "
+      "inputs run best on 1).")
+@_opt("--out", help="Folder for run folders.")
+@_opt("--name", help="Run folder name (none: model-dataset-bits-adv-time); an existing one is refused "
+      "unless resumed.")
+@click.option("--resume", type=click.Path(), show_default="a new run", help="Continue an interrupted run (its folder "
+              "or last.pt) with its own settings; only --epochs, --device and --threads may change them.")
+@click.option("--json", "json_path", show_default="not written",
+              help="Write the final metrics as JSON to FILE ('-' for stdout).")
 def train(recipe: str | None, resume: str | None, json_path: str | None, **overrides: Any) -> None:
     """Adversarial quantization-aware training; writes runs/NAME/{best.pt,last.pt,metrics.jsonl,config.yaml}."""
     from rcdeploy.config import default_recipe, make_config
     from rcdeploy.train.loop import fit
     from rcdeploy.train.progress import RichReporter
 
+    _check_out(json_path, "--json")
     for key in ("sparsity_params", "model_args"):
         overrides[key] = _key_values(overrides[key], key) if overrides.get(key) else None
-    if resume is not None:
-        cfg = make_config(None, {"epochs": overrides.get("epochs"), "device": overrides.get("device")})
-    else:
-        cfg = make_config(recipe or default_recipe(overrides), overrides)
+    if resume is not None and recipe is not None:
+        raise UsageError("--config cannot change a run on --resume (it continues with its own settings)")
+    cfg = None if resume is not None else make_config(recipe or default_recipe(overrides), overrides)
     console = _console()
     with RichReporter(console) as reporter:
-        result = fit(cfg, resume=resume, reporter=reporter)
+        result = fit(cfg, resume=resume, overrides=overrides, reporter=reporter)
+    for key, (old, new) in result.changed.items():
+        console.print(f"note: --{key} {new} overrides the run's {old}"
+                      + (" (the learning-rate schedule follows the new length)" if key == "epochs" else ""))
+    for note in result.notes:
+        console.print(f"note: {note}")
     summary = {"run_dir": str(result.run_dir), "best": result.best,
                "last": result.metrics[-1] if result.metrics else None, "interrupted": result.interrupted}
     if result.interrupted:
         console.print(f"interrupted: saved {result.run_dir / 'last.pt'}; continue with "
                       f"`rcdeploy train --resume {result.run_dir}`")
-        _write_json(json_path, summary)
+        _deliver(_json_output(json_path, summary))
         sys.exit(130)
     if result.best:
         b = result.best
         console.print(f"best (epoch {b['epoch']}): val clean {b['val_clean_acc']:.1f}%, "
                       f"val {b['val_attack']} {b['val_robust_acc']:.1f}% -> {result.run_dir / 'best.pt'}")
-    _write_json(json_path, summary)
+    else:
+        console.print(f"note: no epoch was eligible for best.pt (see the phases above); export "
+                      f"{result.run_dir / 'last.pt'} instead")
+    _deliver(_json_output(json_path, summary))
 
 
 # ---------------------------------------------------------------------------------------- export
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  rcdeploy export                                   # runs/latest/best.pt -> model.onnx + model.json
+  rcdeploy export --bits 4 --prune-channels -o small.onnx
+  rcdeploy export runs/NAME/best.pt --format all    # + model.qonnx.onnx and model.ort
+""")
 @click.argument("checkpoint", required=False, default="runs/latest/best.pt")
-@click.option("--bits", help="Export weight bits (below the trained bits: post-training quantization).")
-@click.option("--prune-channels", is_flag=True, help="Physically remove the channels training zeroed.")
+@click.option("--bits", help="Export weight bits (below the trained bits: post-training quantization).",
+              show_default="the trained bits")
+@click.option("--prune-channels", is_flag=True, show_default="off",
+              help="Physically remove the channels training zeroed.")
 @click.option("--format", "formats", default="qdq", show_default=True,
               help="Comma list of qdq, qonnx, ort, or all.")
-@click.option("--storage", type=click.Choice(["packed", "int8"]),
-              help="Sub-8-bit weights stored packed as INT4 (half the bytes; onnxruntime still runs int8 "
-                   "kernels) or as plain int8. Default: packed for onnxruntime, int8 for openvino.")
+@click.option("--storage", type=click.Choice(["packed", "int8"]), show_default="packed for onnxruntime, int8 for "
+              "openvino", help="Sub-8-bit weights stored packed as INT4 (half the bytes; onnxruntime still runs "
+              "int8 kernels) or as plain int8.")
 @click.option("--runtime", default="onnxruntime", show_default=True,
               help="Runtime the file is for: onnxruntime or openvino (int8 storage, also verified in OpenVINO).")
-@click.option("-o", "--output", default="model.onnx", show_default=True)
-@click.option("--data-dir", help="Dataset folder for verification images.")
-@click.option("--verify-samples", type=int, default=512, show_default=True)
-@click.option("--no-noise", is_flag=True, help="Stochastic models (EnResNet): export without the noise.")
-@click.option("--json", "json_path", help="Write the export summary as JSON to FILE ('-' for stdout).")
+@click.option("-o", "--output", default="model.onnx", show_default=True,
+              help="The integer model; model.json (and other formats) are written beside it.")
+@click.option("--data-dir", help="Dataset folder for verification images.", show_default="the training run's")
+@click.option("--verify-samples", type=click.IntRange(1, 1_000_000), default=512, show_default=True,
+              help="Held-out images the export is verified on.")
+@click.option("--no-noise", is_flag=True, show_default="off",
+              help="Stochastic models (EnResNet): export without the noise.")
+@click.option("--json", "json_path", show_default="not written",
+              help="Write the export summary as JSON to FILE ('-' for stdout).")
 def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str, storage: str | None, output: str,
            data_dir: str | None, verify_samples: int, no_noise: bool, json_path: str | None, runtime: str) -> None:
     """Verified integer ONNX (+ QONNX, .ort, model.json sidecar) from a training checkpoint."""
     from rcdeploy.export.api import export_checkpoint, render_summary
 
+    _check_out(json_path, "--json")
     fmts = ["qdq", "qonnx", "ort"] if formats.strip() == "all" else [f.strip() for f in formats.split(",") if f.strip()]
     summary = export_checkpoint(checkpoint, bits=bits, prune_channels=prune_channels, formats=fmts,
                                 output=output, storage=storage, verify_samples=verify_samples, data_dir=data_dir,
                                 noise=not no_noise, runtime=runtime)
-    render_summary(summary, _console(stderr=False))
-    _write_json(json_path, summary)
+    render_summary(summary, _console(stderr=json_path == "-"))
+    _deliver(_json_output(json_path, summary))
 
 
 # ----------------------------------------------------------------------------------------- bench
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  rcdeploy bench model.onnx                         # ifgsm20 at the sidecar's eps, latency on all cores
+  rcdeploy bench model.onnx --attack ifgsm20,pgd20,square1000 --json report.json --csv runs.csv
+  rcdeploy bench other.onnx --dataset cifar10 --data-dir data/cifar10 --eps 8/255 --no-latency
+""")
 @click.argument("model", type=click.Path())
 @click.option("--attack", "attacks", default="ifgsm20", show_default=True,
               help="Comma list: fgsm, ifgsmN, pgdN, cwN, squareN (or 'none').")
-@click.option("--dataset", help="Dataset (default: the sidecar model.json's).")
-@click.option("--data-dir", help="Dataset folder.")
-@click.option("--samples", type=int, help="Test images to score (default: all, up to 1000).")
-@click.option("--eps", help="L-inf eps in [0, 1] image units, e.g. 8/255 (default: the sidecar's training eps, "
-              "else the dataset's).")
-@click.option("--step", help="Step size of iterative attacks (default eps/4).")
-@click.option("--restarts", type=int, default=1, show_default=True, help="Random restarts (pgd, cw, square).")
-@click.option("--eot", type=int, default=1, show_default=True,
+@click.option("--dataset", help="Dataset name.", show_default="the sidecar model.json's")
+@click.option("--data-dir", help="Dataset folder.", show_default="the sidecar's, else $RCDEPLOY_DATA or ./data")
+@click.option("--samples", type=click.IntRange(1), help="Test images to score.",
+              show_default="all, up to 1000")
+@click.option("--eps", help="L-inf eps in [0, 1] image units, e.g. 8/255.",
+              show_default="the sidecar's training eps, else the dataset's")
+@click.option("--step", help="Step size of iterative attacks.", show_default="eps/4")
+@click.option("--restarts", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Random restarts (pgd, cw, square).")
+@click.option("--eot", type=click.IntRange(1, 10_000), default=1, show_default=True,
               help="Stochastic graphs: gradient draws per step and onnxruntime draws per accuracy.")
 @click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True,
               help="Latency profile: cpu (all cores, batched) or mobile (1 thread, batch 1).")
-@click.option("--batch-sizes", help="Latency batch sizes, e.g. 1,64 (default: 1,64 on cpu; mobile is batch 1).")
-@click.option("--latency-seconds", type=float, default=1.0, show_default=True,
+@click.option("--batch-sizes", help="Latency batch sizes, e.g. 1,64.", show_default="1,64 on cpu; 1 on mobile")
+@click.option("--latency-seconds", type=FiniteFloat(0, 3600), default=1.0, show_default=True,
               help="Timed seconds per batch size, at least (more while medians are unstable).")
-@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
-@click.option("--threads", type=int, help="torch / scoring threads for the attacks (default: 1 for tiny inputs).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-latency", is_flag=True, show_default="off", help="Skip the latency measurement.")
+@click.option("--threads", type=click.IntRange(1, 4096), help="torch / scoring threads for the attacks.",
+              show_default="1 for tiny inputs, else the libraries' own")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the attacks' random starts and of the latency inputs.")
 @click.option("--isa", help="Integer kernels as computed on: exact (VNNI, AMX, ARM) or avx2 (x86 without VNNI: "
-              "u8 x s8 pair sums saturate at int16). Default: this CPU. Another kind is emulated by the twin.")
+              "u8 x s8 pair sums saturate at int16); another kind than this CPU's is emulated by the twin.",
+              show_default="this CPU's")
 @click.option("--runtime", default="onnxruntime", show_default=True,
               help="Runtime that scores and times the file: onnxruntime or openvino (pip install 'rcdeploy[openvino]').")
-@click.option("--json", "json_path", help="Write the full report as JSON to FILE ('-' for stdout).")
-@click.option("--csv", "csv_path", help="Append one summary row to FILE (header when new).")
+@click.option("--json", "json_path", show_default="not written",
+              help="Write the full report as JSON to FILE ('-' for stdout).")
+@click.option("--csv", "csv_path", show_default="not written", help="Append one summary row to FILE (a new file, or one an earlier "
+              "`bench --csv` wrote).")
 def bench(model: str, no_latency: bool, latency_seconds: float, **kwargs: Any) -> None:
     """Latency, size, clean and robust accuracy of a deployed ONNX file, in onnxruntime."""
+    from pathlib import Path
+
     from rcdeploy.deploy.bench import bench_model
-    from rcdeploy.deploy.report import append_csv, render_bench
+    from rcdeploy.deploy.report import CSV_COLUMNS, csv_pending, render_bench
+    from rcdeploy.io import check_csv_appendable
 
     json_path, csv_path = kwargs.pop("json_path"), kwargs.pop("csv_path")
-    if latency_seconds <= 0:
-        raise UsageError(f"--latency-seconds must be > 0, got {latency_seconds}")
+    _check_out(json_path, "--json")  # before the bench: a bad output path fails in a second
+    if csv_path is not None:
+        check_csv_appendable(csv_path, CSV_COLUMNS, "--csv")
+    if json_path is not None and csv_path is not None and Path(json_path) == Path(csv_path):
+        raise UsageError(f"--json and --csv both name {json_path}; pass two files")
     report = bench_model(model, latency=not no_latency, latency_seconds=latency_seconds, **kwargs)
     # With --json -, stdout carries the JSON alone; the table goes to stderr.
     render_bench(report, _console(stderr=json_path == "-"))
-    _write_json(json_path, report)
-    if csv_path:
-        append_csv(csv_path, report)
+    outputs = _json_output(json_path, report)
+    if csv_path is not None:
+        outputs.append(csv_pending(csv_path, report))
+    _deliver(outputs)
+    if report.get("errors"):
+        written = [str(p) for p in (json_path, csv_path) if p not in (None, "-")]
+        kept = f"; the other results were written to {', '.join(written)}" if written else ""
+        raise UsageError(f"{report['errors'][0]}{kept}")
 
 
 # --------------------------------------------------------------------------------------- compare
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  rcdeploy compare a.json b.json                    # one row per report, Pareto-front rows starred
+  rcdeploy compare runs/*.json --plot pareto.png    # --plot needs matplotlib
+  rcdeploy compare a.json b.json --json - | jq .rows
+""")
 @click.argument("reports", nargs=-1, required=True, type=click.Path())
-@click.option("--plot", help="Write a Pareto plot (PNG) of accuracy vs size and latency (needs matplotlib).")
-@click.option("--json", "json_path", help="Write the comparison as JSON ('-' for stdout).")
+@click.option("--plot", show_default="not drawn",
+              help="Write a Pareto plot (PNG) of accuracy vs size and latency (needs matplotlib).")
+@click.option("--json", "json_path", show_default="not written", help="Write the comparison as JSON ('-' for stdout).")
 def compare(reports: tuple[str, ...], plot: str | None, json_path: str | None) -> None:
     """Table (and Pareto plot) of several `bench --json` reports."""
     from rcdeploy.deploy.report import compare_reports, render_compare
 
+    _check_out(json_path, "--json")
+    _check_out(plot, "--plot")
     table = compare_reports(list(reports), plot=plot)
     render_compare(table, _console(stderr=json_path == "-"))
-    _write_json(json_path, table)
+    _deliver(_json_output(json_path, table))
 
 
 # --------------------------------------------------------------------------------------- inspect
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  rcdeploy inspect model.onnx                       # op histogram, integer-kernel share, bytes by dtype
+  rcdeploy inspect model.onnx --target mobile       # the graph of a 1-thread mobile session
+  rcdeploy inspect model.onnx --json inspect.json
+""")
 @click.argument("model", type=click.Path())
 @click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True,
               help="Session profile whose optimized graph is inspected.")
-@click.option("--json", "json_path", help="Write the report as JSON ('-' for stdout).")
+@click.option("--json", "json_path", show_default="not written", help="Write the report as JSON ('-' for stdout).")
 def inspect(model: str, target: str, json_path: str | None) -> None:
     """Op histogram (as stored and as onnxruntime runs it), integer-kernel MAC share, bytes by dtype."""
     from rcdeploy.deploy.inspect import inspect_model
     from rcdeploy.deploy.report import render_inspect
 
+    _check_out(json_path, "--json")
     report = inspect_model(model, target=target)
     render_inspect(report, _console(stderr=json_path == "-"))
-    _write_json(json_path, report.to_dict())
+    _deliver(_json_output(json_path, report.to_dict()))
+
+
+# ------------------------------------------------------------------------------------ entry point
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM before the training loop installs its own handler (imports, data loading) is an
+    interrupt like Ctrl-C: exit 130, as documented, instead of the default 143."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_warnings() -> None:
+    """Third-party warnings off; rcdeploy's own as one `warning:` line each (inside catch_warnings)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=QUIET_MODULES)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    def one_line(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = str(message).strip().splitlines()
+        click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
+
+    warnings.showwarning = one_line
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: library errors become one stderr line and an exit code, never a traceback."""
+    """Entry point: every failure is one stderr line and an exit code, never a traceback."""
+    import os
+    import warnings
+
+    from rcdeploy.validate import clip
+
     try:
-        cli.main(args=argv, prog_name="rcdeploy", standalone_mode=False)
+        with _sigterm_interrupts(), warnings.catch_warnings():
+            _quiet_warnings()
+            cli.main(args=argv, prog_name="rcdeploy", standalone_mode=False)
     except UsageError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _fail(" ".join(str(e).split("\n")), 2)
     except VerificationError as e:
-        click.echo(f"error: export verification failed: {e}", err=True)
-        sys.exit(1)
+        _fail(f"export verification failed: {e}", 1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code)
+        _fail(e.format_message().replace("\n", " "), e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        _fail("out of memory; use a smaller --batch-size, --samples or dataset", 2)
+    except OSError as e:  # the system refused (disk full, permissions) outside a checked path
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or clip(str(e)) or type(e).__name__}", 2)
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        _fail(f"internal error ({type(e).__name__}: {clip(str(e))}); rerun with {DEBUG_ENV}=1 for the traceback "
+              "and report it", INTERNAL_ERROR_EXIT)
 
 
 if __name__ == "__main__":

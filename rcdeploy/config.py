@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from rcdeploy import validate as V
 from rcdeploy.errors import UsageError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -78,31 +80,20 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> TrainConfig:
-        """Parse fractions, check ranges; returns self. Bad values raise UsageError."""
+    def validate(self, source: str = "settings") -> TrainConfig:
+        """Check every field's type and range (`FIELD_CHECKS`), then parse fractions and names; returns self.
+
+        Bad values raise one UsageError line naming `source` and the field.
+        """
+        check_settings(self.to_dict(), source)
         self.eps = parse_fraction(self.eps, "eps") if self.eps is not None else None
         if self.eps is not None and not 0 < self.eps <= 1:
             raise UsageError(f"--eps {self.eps} is outside (0, 1]: eps is in image units, e.g. 8/255")
         self.step_size = parse_fraction(self.step_size, "step-size") if self.step_size is not None else None
-        if self.step_size is not None and self.step_size <= 0:
-            raise UsageError("--step-size must be > 0")
-        for name in ("epochs", "batch_size", "steps"):
-            if int(getattr(self, name)) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lr <= 0:
-            raise UsageError("--lr must be > 0")
-        if not 0 <= self.prune_channels < 1:
-            raise UsageError(f"--prune-channels {self.prune_channels} must be in [0, 1)")
-        if not 0 <= self.prune_weights < 1:
-            raise UsageError(f"--prune-weights {self.prune_weights} must be in [0, 1)")
-        if int(self.eot) < 1:
-            raise UsageError("--eot must be >= 1")
-        if self.train_samples is not None and int(self.train_samples) < 1:
-            raise UsageError("--train-samples must be >= 1")
+        if self.step_size is not None and not 0 < self.step_size <= 1:
+            raise UsageError(f"--step-size {self.step_size:g} is outside (0, 1]: it is in image units, e.g. 2/255")
         if self.quant_method not in QUANT_METHODS:
             raise UsageError(f"unknown quantization method {self.quant_method!r}; known: {', '.join(QUANT_METHODS)}")
-        if not isinstance(self.model_args, dict):
-            raise UsageError("model_args must be a mapping of model settings, e.g. {noise: 0.1}")
         if self.adv not in ADVERSARIES:
             raise UsageError(f"unknown adversary {self.adv!r}; known: {', '.join(ADVERSARIES)}")
         if self.schedule not in ("cosine", "piecewise", "constant"):
@@ -111,12 +102,80 @@ class TrainConfig:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; known: sgd, adam")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UsageError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.name is not None and (self.name in (".", "..", "latest") or "/" in self.name or "\\" in self.name
+                                      or self.name.startswith(".")):
+            raise UsageError(f"--name {self.name!r}: a run name is one folder name (no '/', not starting with "
+                             "'.', not 'latest')")
         return self
 
 
 ADVERSARIES = ("none", "fgsm-rs", "pgd", "trades")
 QUANT_METHODS = ("qat", "binary-relax")
 MERGED_SETTINGS = ("sparsity_params", "model_args")  # mappings that overrides extend rather than replace
+RESUME_SETTINGS = ("epochs", "device", "threads")  # what `--resume` may change; anything else would make
+                                                   # the continued run a different run
+MAX_RECIPE_BYTES = 1 << 20
+
+# Ranges of the numeric fields (types come from the annotations); the bounds are generous sanity limits.
+_fraction_or_number = V.one_of(V.number(), V.text(max_len=64), expected="a number or a fraction like 8/255")
+FIELD_RANGES: dict[str, V.Check] = {
+    "name": V.optional(V.text(max_len=200)),
+    "val_fraction": V.number(0, 1, hi_open=True),
+    "width": V.optional(V.number(0, 64, lo_open=True)),
+    "bits": V.one_of(V.integer(1, 32), V.text(max_len=16), expected="bits: an integer or float"),
+    "act_bits": V.one_of(V.integer(1, 32), V.text(max_len=16), expected="bits: an integer or float"),
+    "first_last_bits": V.optional(V.one_of(V.integer(1, 32), V.text(max_len=16), expected="bits: an integer or float")),
+    "bit_overrides": V.mapping(values=V.one_of(V.integer(1, 32), V.text(max_len=16), expected="bits"), max_len=1000),
+    "br_lambda": V.number(0, 1e6),
+    "br_growth": V.number(0, 1e3, lo_open=True),
+    "br_exact_fraction": V.number(0, 1),
+    "br_exact_lr": V.number(0, 1e3, lo_open=True),
+    "eps": V.optional(_fraction_or_number),
+    "steps": V.integer(1, 10_000),
+    "step_size": V.optional(_fraction_or_number),
+    "beta": V.number(0, 1e6),
+    "epochs": V.integer(1, 100_000),
+    "batch_size": V.integer(1, 1 << 20),
+    "train_samples": V.optional(V.integer(1)),
+    "lr": V.number(0, 1e3, lo_open=True),
+    "momentum": V.number(0, 1, hi_open=True),
+    "weight_decay": V.number(0, 1),
+    "milestones": V.list_of(V.number(0, 1), max_len=100),
+    "gamma": V.number(0, 1e3, lo_open=True),
+    "warmup_epochs": V.number(0, 100_000),
+    "val_samples": V.optional(V.integer(1)),
+    "eot": V.integer(1, 10_000),
+    "prune_channels": V.number(0, 1, hi_open=True),
+    "prune_weights": V.number(0, 1, hi_open=True),
+    "channel_multiple": V.integer(1, 4096),
+    "finetune_fraction": V.number(0, 1),
+    "seed": V.integer(0, 2**32 - 1),
+    "threads": V.optional(V.integer(1, 4096)),
+}
+
+
+def _field_checks() -> dict[str, V.Check]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: FIELD_RANGES.get(f.name) or V.check_for_type(hints[f.name]) for f in fields(TrainConfig)}
+
+
+FIELD_CHECKS = _field_checks()
+
+
+def check_settings(values: dict[str, Any], source: str, *, flags: bool = False) -> dict[str, Any]:
+    """Unknown names and wrong types or ranges are one UsageError naming `source` and the field
+    (as `--flag` when the values came from the command line)."""
+    unknown = sorted(set(values) - set(FIELD_CHECKS))
+    if unknown:
+        raise UsageError(f"{source}: unknown setting(s) {', '.join(map(str, unknown))}; known: "
+                         f"{', '.join(sorted(FIELD_CHECKS))}")
+    for key, value in values.items():
+        where = f"--{key.replace('_', '-')}" if flags else key
+        try:
+            FIELD_CHECKS[key](value, where)
+        except V.Invalid as e:
+            raise UsageError(f"{source}: {e}" if not flags else str(e)) from None
+    return values
 
 
 def parse_fraction(value: float | int | str, what: str = "value") -> float:
@@ -125,8 +184,8 @@ def parse_fraction(value: float | int | str, what: str = "value") -> float:
         return float(value)
     try:
         return float(Fraction(str(value).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"--{what} {value!r} is not a number or fraction like 8/255") from None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise UsageError(f"--{what} {V.shown(value)} is not a number or fraction like 8/255") from None
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -134,22 +193,24 @@ def recipe_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise UsageError(f"recipe {str(p)!r} is a folder; pass a YAML file or a bundled recipe name")
     bundled = RECIPES_DIR / f"{name_or_path}.yaml"
-    if bundled.is_file():
+    if "/" not in str(name_or_path) and bundled.is_file():
         return bundled
     known = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
     raise UsageError(f"recipe {str(name_or_path)!r} not found (no such file; bundled recipes: {known})")
 
 
 def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
+    """A recipe's settings, checked field by field (types, ranges, size) before anything uses them."""
     path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    source = f"recipe {path}"
+    data = V.safe_yaml(V.read_text_file(path, "recipe", MAX_RECIPE_BYTES), source) or {}
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: a recipe is a mapping of settings")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise UsageError(f"{source}: a recipe is a mapping of settings (key: value), got {V.shown(data)}")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return check_settings(values, source)
 
 
 def default_recipe(overrides: dict[str, Any]) -> str | None:
@@ -160,26 +221,48 @@ def default_recipe(overrides: dict[str, Any]) -> str | None:
     return "quickstart" if quick else None
 
 
+def given(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The overrides the user actually gave (None means 'not given')."""
+    return {k: v for k, v in (overrides or {}).items() if v is not None}
+
+
 def make_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < recipe < overrides (None values in overrides are ignored)."""
     values: dict[str, Any] = load_recipe(recipe) if recipe is not None else {}
-    for key, v in (overrides or {}).items():
-        if v is None:
-            continue
+    flags = check_settings(given(overrides), "command line", flags=True)
+    for key, v in flags.items():
         if key in MERGED_SETTINGS and isinstance(v, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **v}  # e.g. --sparsity-param lambda1=0.05 keeps the recipe's beta
         else:
             values[key] = v
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UsageError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return TrainConfig(**values).validate()
 
 
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None, source: str) -> tuple[TrainConfig, dict]:
+    """The run's own settings (a checkpoint's config), with only the RESUME_SETTINGS the user gave applied.
+
+    Returns the config and {setting: (run's value, new value)} for every override that changed something,
+    so the caller can say so. Any other setting given with --resume is refused: it would change the run.
+    """
+    flags = check_settings(given(overrides), "command line", flags=True)
+    refused = sorted(k for k in flags if k not in RESUME_SETTINGS)
+    if refused:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in refused)
+        raise UsageError(f"{names} cannot change a run on --resume (it continues with its own settings; only "
+                         f"{', '.join('--' + k for k in RESUME_SETTINGS)} may change); start a new run instead")
+    cfg = config_from_dict(saved, source)
+    changed = {k: (getattr(cfg, k), v) for k, v in flags.items() if getattr(cfg, k) != v}
+    for k, (_, v) in changed.items():
+        setattr(cfg, k, v)
+    return cfg.validate(source), changed
+
+
+def config_from_dict(d: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A TrainConfig from a saved dict (checkpoint, config.yaml); fields of newer versions are dropped."""
     known = {f.name for f in fields(TrainConfig)}
-    return dataclasses.replace(TrainConfig(), **{k: v for k, v in d.items() if k in known})
+    values = {k: v for k, v in V.validate(d, V.mapping(), source).items() if k in known}
+    check_settings(values, source)
+    return dataclasses.replace(TrainConfig(), **values)
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rcdeploy import validate as V
 from rcdeploy.errors import UsageError
 from rcdeploy.registry import Registry
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 TEST_FRACTION = 0.2  # share held out as the test split where a dataset has no official one (digits, folder)
 TEST_SPLIT_SEED = 0  # fixed, never the `seed` argument: the test images must be the same in every run
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: a dead network fails in seconds, a slow one still works
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image in a folder dataset, checked from the header before decoding: a
+                                # small compressed file can claim gigabytes (a decompression bomb)
+MAX_FOLDER_BYTES = 4 << 30  # decoded bytes of a whole folder dataset (uint8), checked as images are read
 
 _DIGIT_CLASSES = tuple(str(i) for i in range(10))
 _FASHION_CLASSES = (
@@ -80,6 +84,20 @@ class DatasetMeta:
             hflip=bool(d["hflip"]),
             default_eps=float(d["default_eps"]),
         )
+
+
+# What a checkpoint or sidecar must hold for `DatasetMeta.from_dict` (the one schema both files share).
+META_CHECK = V.mapping({
+    "name": V.text(max_len=4096),
+    "num_classes": V.integer(2, 1_000_000),
+    "classes": V.list_of(V.one_of(V.text(), V.integer(), expected="a class name"), max_len=1_000_000),
+    "shape": V.list_of(V.integer(1, 65_536), min_len=3, max_len=3),
+    "mean": V.list_of(V.number(), max_len=64),
+    "std": V.list_of(V.number(0, lo_open=True), max_len=64),
+    "crop_padding": V.integer(0, 1024),
+    "hflip": V.boolean,
+    "default_eps": V.number(0, 1, lo_open=True),
+}, required=("name", "num_classes", "shape"))
 
 
 def _jsonable(v: Any) -> Any:
@@ -190,18 +208,23 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+_DOWNLOAD_HINT = "the file looks corrupt: delete it and pass --download, or replace it"
+
+
 @contextmanager
-def _reading(name: str, path: Path) -> Iterator[None]:
-    """A file that does not parse is bad user input: one UsageError line, never a traceback."""
+def _reading(name: str, path: Path, hint: str = _DOWNLOAD_HINT) -> Iterator[None]:
+    """A file that does not parse is bad user input: one UsageError line, never a traceback.
+
+    `hint` says what fixes it: a download for the standard datasets, a replacement for the user's own files.
+    """
     try:
         yield
     except UsageError:
         raise
+    except MemoryError:
+        raise UsageError(f"{name}: {path} does not fit in memory; use smaller files") from None
     except Exception as e:  # parsers raise many types (UnpicklingError, EOFError, zlib.error, ValueError...)
-        raise UsageError(
-            f"{name}: cannot read {path} ({_one_line(e)}); the file looks corrupt: delete it and pass "
-            "--download, or replace it"
-        ) from None
+        raise UsageError(f"{name}: cannot read {path} ({_one_line(e)}); {hint}") from None
 
 
 def _meta(name: str, classes: Sequence[str], shape: tuple[int, int, int], *, mean: Sequence[float] = (),
@@ -456,7 +479,9 @@ def _read_image(path: Path) -> np.ndarray:
     """One image as H x W x C: uint8 0..255, or float32 in [0, 1] (16-bit PNGs, float .npy)."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        a = np.load(path, allow_pickle=False)
+        a = np.load(path, allow_pickle=False, mmap_mode="r")  # the header only: the shape is checked first
+        _check_pixels(path, int(np.prod(a.shape[:2])) if a.ndim >= 2 else a.size)
+        a = np.array(a)
         if a.ndim == 2:
             a = a[:, :, None]
         if a.ndim != 3 or a.shape[2] not in (1, 3):
@@ -471,18 +496,25 @@ def _read_image(path: Path) -> np.ndarray:
     if _have_pillow():
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # lazy: only the header is read until the pixels are asked for
+            _check_pixels(path, im.size[0] * im.size[1])
             if im.mode.startswith("I;16"):
                 a = np.asarray(im, dtype=np.float32) / 65535.0
             else:
                 a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "F") else "RGB"))
         return a[:, :, None] if a.ndim == 2 else a
     if suffix == ".png":
-        return _decode_png(path.read_bytes())
+        return _decode_png(path.read_bytes(), str(path))
     raise UsageError(f"cannot read {path} without Pillow: pip install pillow, or save the images as .png or .npy")
 
 
-def _decode_png(data: bytes) -> np.ndarray:
+def _check_pixels(path: Path | str, pixels: int) -> None:
+    if pixels > MAX_IMAGE_PIXELS:
+        raise UsageError(f"{path} holds {pixels:,} pixels, more than the {MAX_IMAGE_PIXELS:,} an image of a folder "
+                         "dataset may have (it would take gigabytes once decoded); resize it or remove it")
+
+
+def _decode_png(data: bytes, name: str = "PNG") -> np.ndarray:
     """A dependency-free PNG decoder for when Pillow is absent: any bit depth and colour type, not interlaced.
 
     Alpha is dropped and palettes are expanded to RGB, as with Pillow's convert("RGB").
@@ -511,8 +543,10 @@ def _decode_png(data: bytes) -> np.ndarray:
                          "(pip install pillow)")
     bpp = max(1, channels * depth // 8)  # bytes per pixel, at least 1: the filters' left neighbour distance
     stride = (width * channels * depth + 7) // 8
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
-    if raw.size != height * (stride + 1):
+    _check_pixels(name, width * height)  # from the header, before a byte is inflated
+    expected = height * (stride + 1)
+    raw = np.frombuffer(zlib.decompressobj().decompress(b"".join(idat), expected + 1), np.uint8)
+    if raw.size != expected:
         raise ValueError(f"PNG data holds {raw.size} bytes, expected {height * (stride + 1)}")
     rows = raw.reshape(height, stride + 1)
     out = np.zeros((height, stride), np.uint8)
@@ -581,6 +615,7 @@ def _read_class_folders(root: Path, classes: Sequence[str], label: str, first: l
         raise UsageError(f"{label}: {root} has class folders {stray} that the training folder lacks")
     images: list[np.ndarray] = []
     labels: list[int] = []
+    decoded = 0  # bytes of the images read so far
     for index, cls in enumerate(classes):
         folder = root / cls
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
@@ -588,8 +623,13 @@ def _read_class_folders(root: Path, classes: Sequence[str], label: str, first: l
         if not files and require_all:
             raise UsageError(f"{label}: class folder {folder} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
         for path in files:
-            with _reading(label, path):
+            with _reading(label, path, "replace or remove that file"):
                 a = _read_image(path)
+            decoded += a.nbytes
+            if decoded > MAX_FOLDER_BYTES:
+                raise UsageError(f"{label}: the images up to {path} already take {decoded >> 20:,} MiB decoded, "
+                                 f"more than the {MAX_FOLDER_BYTES >> 30} GiB a folder dataset may hold; use fewer "
+                                 "or smaller images")
             if not first:
                 first.append((path, a.shape))
             elif a.shape != first[0][1]:
@@ -794,6 +834,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
 
     raw = DATASETS.get(key)(root, download, arg)
     meta = raw.meta
+    present = np.unique(raw.train_y)
+    if meta.num_classes < 2 or len(present) < 2:
+        raise UsageError(f"dataset {name!r} has training images of {len(present)} class(es) "
+                         f"({', '.join(str(meta.classes[int(c)]) for c in present[:3])}); a classifier needs at least "
+                         "2 (with one class every prediction is trivially right)")
     if not meta.mean:  # datasets without published statistics: measured on all non-test images
         mean, std = _channel_stats(raw.train_x)
         meta = dataclasses.replace(meta, mean=mean, std=std)

@@ -272,7 +272,7 @@ def test_bad_inputs_exit_2_with_one_line(fitted: dict[str, Path], float_model: P
         "no MNIST idx files": ["bench", float_model, "--dataset", "mnist", "--data-dir", tmp_path / "empty"],
         "pass --dataset": ["bench", float_model],
         "unknown dataset": ["bench", float_model, "--dataset", "imagenet"],
-        "--samples must be": ["bench", pgd, "--samples", "0"],
+        "'--samples': 0 is not in the range": ["bench", pgd, "--samples", "0"],
         "--batch-sizes": ["bench", pgd, "--batch-sizes", "1,x"],
         "not an rcdeploy bench report": ["compare", pgd.with_suffix(".json")],
         "is not a file": ["compare", tmp_path / "nope.json"],

@@ -126,7 +126,7 @@ def _cli(argv, capsys):
     (["--eps", "2"], "outside (0, 1]"),
     (["--eps", "0"], "outside (0, 1]"),
     (["--eps", "eight"], "not a number"),
-    (["--bits", "7"], "not supported"),
+    (["--bits", "9"], "not supported"),
     (["--sparsity", "nonesuch", "--prune-channels", "0.5"], "unknown"),
     (["--config", "no-such-recipe"], "not found"),
 ])

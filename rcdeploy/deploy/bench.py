@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from rcdeploy import validate as V
 from rcdeploy.errors import UsageError
 
 __all__ = [
@@ -57,27 +58,46 @@ EVAL_BATCH = 256  # images per onnxruntime call when scoring
 TINY_PIXELS = 32 * 32  # C*H*W at or below this: torch and the scoring session use 1 thread by default
 EPS_SLACK = 1e-6  # float32 rounding allowed when checking that images stay in the eps ball
 MIN_AGREEMENT_PCT = 99.0  # twin vs onnxruntime top-1 below this: white-box figures are suspect
+MAX_LATENCY_BATCH = 4096  # images per timed batch: more measures memory bandwidth, and can exhaust it
+MAX_SEED = 2**32 - 1
 _STOCHASTIC_OPS = {"RandomNormalLike", "RandomUniformLike", "RandomNormal", "RandomUniform", "Multinomial"}
 
 
 # ----------------------------------------------------------------------------------------- inputs
 
 
+def _card_schema() -> V.Check:
+    """The sidecar fields bench reads, with their types: a card that names a dataset must get them right."""
+    fraction = V.one_of(V.number(0, 1, lo_open=True), V.text(max_len=64), expected="a number or a fraction like 8/255")
+    return V.mapping({
+        "dataset": V.mapping({"name": V.text(max_len=4096),
+                              "shape": V.optional(V.list_of(V.integer(1, 65_536), min_len=3, max_len=3))},
+                             required=("name",)),
+        "input": V.optional(V.mapping({"range": V.optional(V.list_of(V.number(), min_len=2, max_len=2))})),
+        "training": V.optional(V.mapping({"eps": V.optional(fraction),
+                                          "config": V.optional(V.mapping({"data_dir": V.optional(V.text())}))})),
+        "eps": V.optional(fraction),
+        "model": V.optional(V.mapping({"name": V.optional(V.text())})),
+    }, required=("dataset",))
+
+
 def read_sidecar(model_path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The sidecar next to `model_path` (model.json for model.onnx) and a note when it was unusable.
+    """The sidecar next to `model_path` (model.json for model.onnx) and a note when it was set aside.
 
     A missing sidecar is normal (foreign models); one that is not JSON, or names no dataset, is
-    set aside with a note rather than failing, since `--dataset` can stand in for it.
+    set aside with a note rather than failing, since `--dataset` can stand in for it. One that names
+    a dataset is a model card, and its fields must have the right types (a UsageError names the field).
     """
     p = Path(model_path).with_suffix(".json")
     if not p.is_file():
         return None, None
     try:
-        card = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"sidecar {p} ignored: not readable JSON ({str(e).splitlines()[0]})"
+        card = json.loads(V.read_text_file(p, "sidecar"))
+    except (RecursionError, json.JSONDecodeError) as e:
+        return None, f"sidecar {p} ignored: not readable JSON ({V.clip(str(e)) or type(e).__name__})"
     if not isinstance(card, dict) or not isinstance(card.get("dataset"), dict) or "name" not in card["dataset"]:
         return None, f"sidecar {p} ignored: it names no dataset (not an rcdeploy model card)"
+    card = V.validate(card, _card_schema(), f"sidecar {p}")
     card["_path"] = str(p)
     return card, None
 
@@ -94,8 +114,8 @@ def parse_batch_sizes(spec: str | int | list[int] | tuple[int, ...]) -> list[int
             b = int(text)
         except ValueError:
             raise UsageError(f"--batch-sizes {spec!r}: {text!r} is not an integer; write e.g. 1,64") from None
-        if b < 1:
-            raise UsageError(f"--batch-sizes {spec!r}: batch sizes must be >= 1")
+        if not 1 <= b <= MAX_LATENCY_BATCH:
+            raise UsageError(f"--batch-sizes {V.shown(spec)}: batch sizes must be >= 1 and <= {MAX_LATENCY_BATCH}")
         if b not in out:
             out.append(b)
     if not out:
@@ -173,7 +193,11 @@ def _ort_preds(session: Any, x: np.ndarray, draws: int) -> tuple[np.ndarray, int
 
     preds, classes = [], 0
     for _ in range(draws):
-        logits = run_logits(session, x, batch_size=EVAL_BATCH)
+        try:
+            logits = run_logits(session, x, batch_size=EVAL_BATCH)
+        except _runtime_errors() as e:  # the graph rejects these images (shapes it cannot take)
+            raise UsageError(f"the runtime cannot run the model on images {list(x.shape[1:])} "
+                             f"({V.clip(str(e), 120)}); pass the --dataset the model was trained on") from None
         if logits.ndim != 2:
             raise UsageError(f"the model's first output has shape {list(logits.shape)}; bench needs logits [N, classes]")
         if not np.isfinite(logits).all():
@@ -181,6 +205,13 @@ def _ort_preds(session: Any, x: np.ndarray, draws: int) -> tuple[np.ndarray, int
         classes = logits.shape[1]
         preds.append(logits.argmax(1))
     return np.stack(preds), classes
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    """What a runtime raises when a graph cannot run on given inputs (onnxruntime's are not RuntimeErrors)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (RuntimeError, ValueError, state.Fail, state.InvalidArgument, state.RuntimeException)
 
 
 def _twin_preds(twin: Any, x: Any) -> np.ndarray:
@@ -340,6 +371,10 @@ def bench_model(
         raise UsageError(f"--restarts and --eot must be >= 1, got {restarts} and {eot}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise UsageError(f"--seed must be >= 0 and <= {MAX_SEED}, got {seed}")
+    if not (math.isfinite(latency_seconds) and 0 < latency_seconds <= 3600):
+        raise UsageError(f"--latency-seconds must be a finite number in (0, 3600], got {latency_seconds}")
     spec = str(attacks or "none").strip()
     no_attacks = spec.lower() in ("", "none")
     if not no_attacks:  # unknown names fail before any data is loaded
@@ -392,7 +427,11 @@ def bench_model(
     if eps_flag is not None:
         eps_v, eps_source = eps_flag, "--eps"
     elif card_eps is not None and from_card:
-        eps_v, eps_source = _fraction(card_eps, "eps"), "sidecar training eps"
+        try:
+            eps_v, eps_source = _fraction(card_eps, "eps"), "sidecar training eps"
+        except UsageError:
+            raise UsageError(f"sidecar {card['_path']}: training.eps: {V.shown(card_eps)} is not a number or "
+                             "fraction like 8/255; fix it, or pass --eps") from None
     else:
         eps_v, eps_source = float(meta.default_eps), f"dataset {meta.name} default"
     if not 0 < eps_v <= 1:
@@ -560,6 +599,7 @@ def bench_model(
 
     # --- latency -----------------------------------------------------------------------------------
     lat: dict[str, Any] | None = None
+    errors: list[str] = []  # steps that failed after others finished: the report keeps what was measured
     if latency:
         from rcdeploy.deploy.latency import measure_in_subprocess
 
@@ -573,11 +613,17 @@ def bench_model(
         with _ProgressSink(progress) as sink:
             update = sink.task(f"latency, target {profile.name}, {runtime}, batch {','.join(map(str, lat_sizes))}", 1,
                                unit="run")
-            lat = measure_in_subprocess(path, target=target, batch_sizes=lat_sizes, min_seconds=latency_seconds,
-                                        seed=seed, runtime=runtime)
+            try:
+                lat = measure_in_subprocess(path, target=target, batch_sizes=lat_sizes, min_seconds=latency_seconds,
+                                            seed=seed, runtime=runtime)
+            except (UsageError, RuntimeError, OSError, MemoryError) as e:
+                # The accuracy results are done: keep them, and report the failure beside them.
+                errors.append(f"latency measurement failed ({V.clip(str(e), 200) or type(e).__name__})")
+                lat = None
             update(advance=1)
-        lat["integer_mac_share_pct"] = size["integer_mac_share_pct"]
-        lat["optimized_op_histogram"] = graph.optimized_op_histogram
+        if lat is not None:
+            lat["integer_mac_share_pct"] = size["integer_mac_share_pct"]
+            lat["optimized_op_histogram"] = graph.optimized_op_histogram
 
     import onnxruntime as ort
 
@@ -629,6 +675,7 @@ def bench_model(
         "latency": lat,
         "accuracy": accuracy,
         "notes": notes,
+        "errors": errors,
         "units": {"_pct": "percent of scored test images", "_ms": "milliseconds", "_s": "seconds",
                   "_bytes": "bytes", "img_per_s": "images per second at the median latency",
                   "eps/step/max_perturbation": "L-inf, [0, 1] image units", "macs": "multiply-accumulates per image"},

@@ -6,7 +6,6 @@ by an older run compares the same way as a fresh one.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from fractions import Fraction
@@ -206,49 +205,65 @@ def csv_row(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def append_csv(path: str | Path, report: dict[str, Any]) -> Path:
-    """Append the report's row to `path`, writing the header when the file is new or empty.
+def append_csv(path: str | Path, report: dict[str, Any], label: str = "--csv") -> Path:
+    """Append the report's row to `path` (header when new), atomically; only to a CSV with CSV_COLUMNS.
 
-    A file that already has a different header keeps it: the row is written in that file's
-    columns (unknown ones left empty), so earlier rows are never rewritten or lost.
+    A file with another first line (another tool's CSV, a JSON sidecar, an older column set) is
+    refused rather than written in columns it does not have: earlier rows are never rewritten or lost.
     """
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"--csv {p} is a folder; pass a file name, e.g. --csv {p / 'bench.csv'}")
-    row = {k: ("" if v is None else v) for k, v in csv_row(report).items()}
-    header = CSV_COLUMNS
-    new = not p.exists() or p.stat().st_size == 0
-    if not new:
-        with open(p, newline="") as f:
-            existing = next(csv.reader(f), None)
-        if existing:
-            header = existing
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore", restval="")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-    return p
+    from rcdeploy.io import append_csv_row
+
+    return append_csv_row(path, CSV_COLUMNS, csv_row(report), label)
+
+
+def csv_pending(path: str | Path, report: dict[str, Any], label: str = "--csv") -> Any:
+    """The CSV row as a pending output (`rcdeploy.io.deliver`): rescued as a one-row CSV if it cannot be written."""
+    from rcdeploy.io import Pending, csv_text
+
+    rescue = csv_text(CSV_COLUMNS, [csv_row(report)], with_header=True).encode()
+    return Pending(label, Path(path), lambda: append_csv(path, report, label), rescue)
 
 
 # --------------------------------------------------------------------------------------- compare
 
 
+def _report_schema() -> Any:
+    """The fields `compare` reads from a bench report, with their types (the report's one schema)."""
+    from rcdeploy import validate as V
+
+    num = V.optional(V.number())
+    return V.mapping({
+        "format": V.text(), "version": V.integer(0),
+        "model": V.optional(V.mapping({"path": V.optional(V.text()), "name": V.optional(V.text())})),
+        "settings": V.optional(V.mapping({
+            "dataset": V.optional(V.text()), "target": V.optional(V.text()), "eps": num,
+            "samples": V.optional(V.integer(0)),
+            "attacks": V.optional(V.list_of(V.mapping({"name": V.text()}, required=("name",)))),
+        })),
+        "size": V.optional(V.mapping({k: num for k in ("file_bytes", "params", "macs", "integer_mac_share_pct")})),
+        "latency": V.optional(V.mapping({"batches": V.optional(V.list_of(V.mapping({
+            "batch_size": V.optional(V.integer(1)), "p50_ms": num, "img_per_s": num})))})),
+        "accuracy": V.optional(V.mapping({"clean_acc_pct": num, "worst_case_acc_pct": num})),
+    }, required=("format",))
+
+
 def _load_report(path: str | Path) -> dict[str, Any]:
+    from rcdeploy import validate as V
+
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"report {str(p)!r} is not a file; pass JSON files written by `rcdeploy bench --json`")
     try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"report {str(p)!r} is not JSON ({str(e).splitlines()[0]}); pass `bench --json` output") from None
+        data = json.loads(V.read_text_file(p, "report"))
+    except (RecursionError, json.JSONDecodeError) as e:
+        raise UsageError(f"report {str(p)!r} is not JSON ({V.clip(str(e)) or type(e).__name__}); pass "
+                         "`bench --json` output") from None
     from rcdeploy.deploy.bench import REPORT_FORMAT
 
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise UsageError(f"report {str(p)!r} is not an rcdeploy bench report; write one with "
                          "`rcdeploy bench MODEL.onnx --json FILE`")
-    return data
+    return V.validate(data, _report_schema(), f"report {p}")
 
 
 def pareto_front(points: list[tuple[float, ...]], maximize: tuple[bool, ...]) -> list[bool]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rcdeploy.errors import UsageError, VerificationError
-from rcdeploy.io import atomic_write_files
+from rcdeploy.io import atomic_write_files, check_writable
 from rcdeploy.quant.presets import FLOAT, bits_name, parse_bits
 from rcdeploy.quant.spec import QuantSpec, layer_bits, weight_layers
 from rcdeploy.runtime.cpu import cpu_kind
@@ -39,6 +39,12 @@ def output_paths(output: str | Path) -> dict[str, Path]:
                          "written next to it as model.qonnx.onnx")
     return {"qdq": out, "qonnx": Path(f"{stem}.qonnx.onnx"), "ort": Path(f"{stem}.ort"),
             "ort_config": Path(f"{stem}.required_operators.config"), "sidecar": Path(f"{stem}.json")}
+
+
+def _written(paths: dict[str, Path], fmts: Sequence[str]) -> list[Path]:
+    """The files an export with `fmts` writes (the sidecar always)."""
+    keys = {"qdq": ["qdq"], "ort": ["ort", "ort_config"], "qonnx": ["qonnx"]}
+    return [paths[k] for f in fmts for k in keys[f]] + [paths["sidecar"]]
 
 
 def parse_formats(formats: Sequence[str] | str) -> list[str]:
@@ -163,6 +169,8 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
     for p in paths.values():
         if p.is_dir():
             raise UsageError(f"{p} is a folder; pass a file name with -o, e.g. -o {p / 'model.onnx'}")
+    for p in _written(paths, fmts):  # before the work: an unwritable folder fails now, not after verification
+        check_writable(p, "-o")
 
     model, ckpt = load_model(checkpoint)
     meta = ckpt.get("dataset") or {}

@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +18,24 @@ from torch import nn
 
 import rcdeploy
 from rcdeploy.attacks import parse_attack
-from rcdeploy.config import TrainConfig, config_from_dict, dump_yaml
+from rcdeploy.config import TrainConfig, dump_yaml, resume_config
 from rcdeploy.data import Dataset, Split, augment, iterate_batches, load_dataset
 from rcdeploy.errors import UsageError
+from rcdeploy.io import atomic_write_text
 from rcdeploy.quant.calibrate import calibrate_activations
 from rcdeploy.quant.presets import ACT_CALIBRATION_STEPS
 from rcdeploy.quant.spec import QuantSpec
-from rcdeploy.train.checkpoint import FORMAT, VERSION, atomic_save, build_model, load_checkpoint, model_spec
+from rcdeploy.train.checkpoint import (
+    FORMAT,
+    VERSION,
+    atomic_save,
+    build_model,
+    load_checkpoint,
+    load_weights,
+    model_spec,
+)
 from rcdeploy.train.objectives import OBJECTIVES, AdvSettings
+from rcdeploy.train.rundir import check_new_run, locked, new_run, point_latest
 
 
 class Reporter:
@@ -44,6 +52,8 @@ class RunResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     interrupted: bool = False
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # resume: setting -> (run's, given)
+    notes: list[str] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,46 +173,12 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
-
-
-def _new_run_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
-    _check_writable(out)
-    name = cfg.name or "-".join(filter(None, [
-        cfg.model, cfg.dataset.replace("folder:", "").replace("/", "_"), f"w{cfg.bits}", cfg.adv,
-        f"p{round(cfg.prune_channels * 100)}" if cfg.prune_channels else "", datetime.now().strftime("%Y%m%d-%H%M%S")]))
-    run_dir = out / name
-    if cfg.name is None:
-        k = 1
-        while run_dir.exists():
-            k += 1
-            run_dir = out / f"{name}-{k}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _point_latest(run_dir: Path) -> None:
-    latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{os.getpid()}"
-    try:
-        tmp.unlink(missing_ok=True)
-        os.symlink(run_dir.name, tmp)
-        os.replace(tmp, latest)
-    except OSError:  # file systems without symlinks: a text pointer instead
-        tmp.unlink(missing_ok=True)
-        (run_dir.parent / "latest.txt").write_text(str(run_dir.resolve()) + "\n")
-
-
 def finetune_epoch(cfg: TrainConfig) -> int:
-    """First epoch of the fixed-mask fine-tune phase (the last `finetune_fraction` of training)."""
+    """First epoch of the fixed-mask fine-tune phase (the last `finetune_fraction` of training).
+
+    It can equal `cfg.epochs` (one epoch, or a fraction that rounds to none): the mask is then fixed
+    after the last epoch's training instead, so best.pt always comes from a mask-fixed model.
+    """
     return cfg.epochs - int(round(cfg.epochs * cfg.finetune_fraction))
 
 
@@ -246,36 +222,74 @@ def _train_subset(cfg: TrainConfig, data: Dataset) -> Dataset:
     return dataclasses.replace(data, train=Split(data.train.x[idx], data.train.y[idx]))
 
 
-def fit(cfg: TrainConfig, **kwargs: Any) -> RunResult:
-    """Train per `cfg` (see `_fit`), with torch's thread count set for the run and restored after."""
+def fit(cfg: TrainConfig | None, *, resume: str | Path | None = None, overrides: dict[str, Any] | None = None,
+        reporter: Reporter | None = None, stop_at: tuple[int, int] | None = None) -> RunResult:
+    """Train per `cfg`, or continue the run `resume` points at (its folder or its last.pt).
+
+    With `resume`, `cfg` is ignored: the run continues with its own settings, changed only by the
+    `overrides` the user gave (config.RESUME_SETTINGS), which `RunResult.changed` lists.
+    `stop_at=(epoch, batch)` interrupts exactly there, as a signal would (used by the resume test).
+    torch's thread count is set for the run and restored after.
+    """
     previous = torch.get_num_threads()
     try:
-        return _fit(cfg, **kwargs)
+        with ExitStack() as stack:
+            if resume is None:
+                assert cfg is not None, "fit needs a config or a run to resume"
+                cfg.validate()
+                check_new_run(cfg)  # before the work: a taken --name or an unwritable --out fails in a second
+                return _fit(cfg, None, None, {}, stack, reporter or Reporter(), stop_at)
+            run_dir, path = _resume_paths(resume)
+            _resume_settings(path, overrides)  # a bad file or setting fails before the folder is touched
+            stack.enter_context(locked(run_dir))  # a second writer is refused
+            ckpt = load_checkpoint(path)  # again, under the lock: what a writer that just finished left
+            cfg, changed = _resume_settings(path, overrides, ckpt)
+            return _fit(cfg, ckpt, run_dir, changed, stack, reporter or Reporter(), stop_at)
     finally:
         torch.set_num_threads(previous)
 
 
-def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Reporter | None = None,
-        stop_at: tuple[int, int] | None = None) -> RunResult:
-    """Train per `cfg` (or continue the run `resume` points at); returns where it wrote and what it measured.
+def _resume_paths(resume: str | Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint). A checkpoint other than the folder's last.pt (e.g. best.pt) is an earlier
+    point of the run: continuing from it would silently drop the epochs after it, so it is refused."""
+    path = Path(resume)
+    path = path / "last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path} (pass a run folder that holds last.pt)")
+    if path.name != "last.pt" and (path.parent / "last.pt").exists():
+        raise UsageError(f"--resume {path}: its run continues from {path.parent / 'last.pt'}; {path.name} is an "
+                         "earlier point of it (export it, or copy it to a new folder to branch a run)")
+    return path.parent, path
 
-    `stop_at=(epoch, batch)` interrupts exactly there, as a signal would (used by the resume test).
-    """
-    reporter = reporter or Reporter()
-    ckpt = None
-    if resume is not None:
-        path = Path(resume)
-        path = path / "last.pt" if path.is_dir() else path
-        ckpt = load_checkpoint(path)
-        saved = config_from_dict(ckpt["config"])
-        saved.epochs = cfg.epochs if cfg.epochs != saved.epochs and cfg.epochs > saved.epochs else saved.epochs
-        saved.device = cfg.device
-        cfg = saved.validate()
-        run_dir = path.parent
-    else:
-        cfg.validate()
-        run_dir = None
 
+def _resume_settings(path: Path, overrides: dict[str, Any] | None,
+                     ckpt: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """The run's config with the allowed overrides, checked against how far the run got."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+    cfg, changed = resume_config(ckpt["config"], overrides, f"checkpoint {path}: config")
+    _check_resume_epochs(cfg, ckpt["position"], changed)
+    return cfg, changed
+
+
+def _check_resume_epochs(cfg: TrainConfig, position: list[int], changed: dict[str, Any]) -> None:
+    done, batch = position
+    if cfg.epochs < done or (cfg.epochs == done and batch > 0):
+        raise UsageError(f"--epochs {cfg.epochs} is below the {done + (batch > 0)} epoch(s) this run has already "
+                         "started; pass a larger --epochs or omit it")
+    if cfg.epochs == done:
+        hint = "" if "epochs" in changed else f"; pass --epochs N (N > {done}) to train it further"
+        raise UsageError(f"the run already finished its {done} epoch(s){hint}")
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl is the checkpoint's history, rewritten whole: a resumed run never repeats a line."""
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+
+
+def _fit(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None, changed: dict[str, Any],
+         stack: ExitStack, reporter: Reporter, stop_at: tuple[int, int] | None) -> RunResult:
+    """The loop proper: a new run when `ckpt` is None (its folder made once the model is built), else a
+    continuation of the locked `run_dir`."""
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -289,33 +303,41 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
 
     if ckpt is None:
         spec = model_spec(cfg.model, quant_spec(cfg), **model_kwargs(cfg, data))
-        model = build_model(spec).to(device)
+        model = build_model(spec, "settings").to(device)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         calib = [x for x, _ in iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=g)]
         calibrate_activations(model, (calib * ACT_CALIBRATION_STEPS)[:ACT_CALIBRATION_STEPS])
         sparsity = _sparsity_for(cfg, model, batches_per_epoch)  # before the run folder: a bad name must leave nothing behind
         plugins = _plugins_for(cfg, model)
-        run_dir = _new_run_dir(cfg)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "metrics.jsonl").write_text("")
+        run_dir = stack.enter_context(new_run(cfg))
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        _write_metrics(run_dir, [])
     else:
+        assert run_dir is not None
         spec = ckpt["model"]
-        model = build_model(spec).to(device)
-        model.load_state_dict(ckpt["state_dict"])
+        model = build_model(spec, f"checkpoint {run_dir / 'last.pt'}").to(device)
+        load_weights(model, ckpt["state_dict"], run_dir / "last.pt")
         sparsity = _sparsity_for(cfg, model, batches_per_epoch)
         plugins = _plugins_for(cfg, model)
         for p in plugins:
             state = (ckpt.get("plugins_state") or {}).get(p.name)
             if state is not None:
                 p.load_state_dict(state)
-    _point_latest(run_dir)
+        _write_metrics(run_dir, list(ckpt.get("history", [])))  # drops lines written after last.pt was saved
+        if changed:
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        point_latest(run_dir)  # it has a checkpoint already
 
     optimizer = make_optimizer(cfg, model)
     finetune_start = finetune_epoch(cfg) if sparsity else 0
     start_epoch, start_batch, history, best = 0, 0, [], None
     partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UsageError(f"checkpoint {run_dir / 'last.pt'}: optimizer state does not fit the model "
+                             f"({type(e).__name__})") from None
         if sparsity is not None and ckpt.get("sparsity_state") is not None:
             sparsity.load_state_dict(ckpt["sparsity_state"])
         start_epoch, start_batch = ckpt["position"]
@@ -324,7 +346,12 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
 
     val_n = len(data.val) if cfg.val_samples is None else min(cfg.val_samples, len(data.val))
     val_x, val_y = data.val.x[:val_n], data.val.y[:val_n]
-    result = RunResult(run_dir=run_dir, metrics=history, best=best)
+    result = RunResult(run_dir=run_dir, metrics=history, best=best, changed=changed)
+    mask_at_end = sparsity is not None and finetune_start >= cfg.epochs  # no fine-tune epoch: fix after the last
+    if mask_at_end:
+        result.notes.append(f"{cfg.epochs} epoch(s) leave no fine-tune epoch (finetune_fraction "
+                            f"{cfg.finetune_fraction:g}): the channel mask was fixed after the last epoch's training")
+    pointed = [ckpt is not None]
 
     def save(name: str, epoch: int, batch: int, part: dict | None) -> None:
         atomic_save({
@@ -337,6 +364,9 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
             "partial_epoch": part, "history": history, "best": best,
             "metrics": history[-1] if history else {}, "eps": settings.eps,
         }, run_dir / name)
+        if not pointed[0]:  # runs/latest moves here only now that the run has a checkpoint
+            point_latest(run_dir)
+            pointed[0] = True
 
     stop = _StopFlag()
     with stop.installed():
@@ -381,6 +411,8 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
             start_batch = 0
             if sparsity is not None:
                 sparsity.end_epoch(model, epoch, cfg.epochs)
+                if mask_at_end and epoch == cfg.epochs - 1:
+                    sparsity.start_finetune(model)
             train_time = partial["time"] + time.perf_counter() - t0
             ev = evaluate(model, val_x, val_y, cfg.val_attack, settings.eps, seed=cfg.seed, eot=cfg.eot)
             metrics = {
@@ -397,18 +429,18 @@ def _fit(cfg: TrainConfig, *, resume: str | Path | None = None, reporter: Report
             for p in plugins:
                 metrics[p.name] = p.stats()
             history.append(metrics)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
             partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
             # With sparsity on, only mask-fixed (fine-tune phase) epochs may become best.pt: an earlier,
             # denser model would make `export --prune-channels` remove nothing.
-            eligible = (sparsity is None or epoch >= finetune_start) and all(p.eligible(epoch) for p in plugins)
+            fixed = sparsity is None or epoch >= finetune_start or (mask_at_end and epoch == cfg.epochs - 1)
+            eligible = fixed and all(p.eligible(epoch) for p in plugins)
             key = (ev["robust_acc"], ev["clean_acc"])
             if eligible and (best is None or key > (best["val_robust_acc"], best["val_clean_acc"])):
                 best = dict(metrics)
                 result.best = best
                 save("best.pt", epoch + 1, 0, None)
             save("last.pt", epoch + 1, 0, None)
+            _write_metrics(run_dir, history)  # after last.pt: the file never runs ahead of the checkpoint
             reporter.end_epoch(metrics)
     result.best = best
     return result
