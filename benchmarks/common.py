@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+# One list of integer / float conv-matmul kernels and one MAC counter for the whole project.
+from rcdeploy.runtime.graph import FLOAT_KERNELS, INTEGER_KERNELS, node_macs
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the scripts run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
@@ -227,45 +230,6 @@ def gemm_input(m: int, k: int, integer: bool) -> np.ndarray:
     return rng.integers(0, 256, (m, k), dtype=np.uint8) if integer else rng.standard_normal((m, k), dtype=np.float32)
 
 
-# Kernels onnxruntime's CPU provider runs a conv / matmul with, after its fusions (same lists as
-# rcdeploy.export.verify, plus the layout-transformed float conv).
-INTEGER_KERNELS = frozenset({"QLinearConv", "NhwcQLinearConv", "ConvInteger", "QGemm", "QLinearMatMul",
-                             "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
-FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "NhwcConv", "Gemm", "FusedGemm", "MatMul",
-                           "FusedMatMul", "ConvTranspose"})
-_WEIGHT_INPUT = {"QLinearConv": 3, "NhwcQLinearConv": 3, "ConvInteger": 1, "QGemm": 3, "QLinearMatMul": 3,
-                 "MatMulInteger": 1, "MatMulIntegerToFloat": 1, "Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1,
-                 "NhwcConv": 1, "Gemm": 1, "FusedGemm": 1, "MatMul": 1, "FusedMatMul": 1}
-
-
-def _weight_dims(node: Any, inits: Mapping[str, Any], in_shapes: Sequence[Sequence[int] | None]) -> list[int] | None:
-    """Shape of a conv / matmul node's weight in ORT's optimized graph.
-
-    From its initializer or, for a weight computed at run time (e.g. a DequantizeLinear feeding a float
-    Conv), from the profile's input shapes. (The profile leaves pre-packed initializers out of its input
-    list, so its indices only hold for computed weights.)
-    """
-    idx = _WEIGHT_INPUT.get(node.op_type)
-    if idx is None:
-        return None
-    if len(node.input) > idx and node.input[idx] in inits:
-        return list(inits[node.input[idx]].dims)
-    if idx < len(in_shapes) and in_shapes[idx]:
-        return list(in_shapes[idx])
-    return None
-
-
-def _reduction_size(node: Any, dims: Sequence[int] | None, in_shapes: Sequence[Sequence[int] | None]) -> int | None:
-    """MACs per output element of a conv / matmul node."""
-    if "Conv" in node.op_type:
-        return int(np.prod(dims[1:])) if dims is not None and len(dims) >= 3 else None  # (C_in/groups)*kh*kw
-    if dims is not None and len(dims) == 2:  # Gemm-like: B is [K, N] (or [N, K] with transB)
-        trans = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        return int(dims[1] if trans else dims[0])
-    first = in_shapes[0] if in_shapes else None
-    return int(first[-1]) if first else None
-
-
 def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = True, runs: int = 3) -> dict[str, Any]:
     """Run `model` under onnxruntime's profiler; where the time goes and how many MACs run on integers.
 
@@ -320,12 +284,20 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
         ins = args.get("input_type_shape") or []
         out_shape = next(iter(outs[0].values())) if outs else None
         in_shapes = [next(iter(i.values())) if i else None for i in ins]
-        dims = _weight_dims(nodes[name], inits, in_shapes)
-        k = _reduction_size(nodes[name], dims, in_shapes)
-        if not out_shape or k is None:
+        node = nodes[name]
+        # The profile's input list leaves pre-packed initializers out: weights come from the graph then.
+        shapes = {t: list(inits[t].dims) for t in node.input if t in inits}
+        shapes.update({t: list(sh) for t, sh in zip(node.input, in_shapes) if t and sh and t not in shapes})
+        if out_shape:
+            shapes[node.output[0]] = list(out_shape)
+        total = node_macs(node, shapes)
+        if not out_shape or not total:
             continue
-        macs = int(np.prod(out_shape)) // batch * k
-        group = next((a.i for a in nodes[name].attribute if a.name == "group"), 1)
+        macs = int(total) // batch
+        k = macs * batch // int(np.prod(out_shape))
+        w_index = 3 if op in ("QLinearConv", "NhwcQLinearConv") else 1
+        dims = shapes.get(node.input[w_index]) if len(node.input) > w_index else None
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
         node_info[name] = {"op": op, "macs": macs, "k": k,
                            "out_channels": int(dims[0]) if dims and "Conv" in op else None,
                            "depthwise": bool(dims and "Conv" in op and group > 1 and group == dims[0])}

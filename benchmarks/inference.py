@@ -196,9 +196,10 @@ def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any
     """Every form of `net`, as ONNX bytes, plus what was learned building them."""
     import torch
 
-    from rcdeploy.export.qdq import build_qdq, bytes_by_dtype
+    from rcdeploy.export.qdq import build_qdq
     from rcdeploy.export.shrink import shrink_model
     from rcdeploy.export.verify import compare_logits, torch_logits
+    from rcdeploy.runtime.graph import bytes_by_dtype
     from rcdeploy.runtime.session import open_session, run_logits
 
     shape = NETS[net]["shape"]

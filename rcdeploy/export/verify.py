@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rcdeploy.errors import VerificationError
+from rcdeploy.runtime.graph import FLOAT_KERNELS, INTEGER_KERNELS
 
 MIN_AGREEMENT = 0.995  # share of held-out images that must agree (see `judge`)
 # Allowed |logit difference| per image, in logit steps (one input step of the last layer through its
@@ -27,13 +28,6 @@ TOLERANCE_STEPS = 128.0
 # ... and never more than this share of the logits' range (an untrained model's logits span less than
 # 128 steps: the bound must still bite there).
 TOLERANCE_RANGE = 0.1
-
-# Kernels that compute a conv / matmul on integers (onnxruntime CPU names, after its QDQ fusion).
-INTEGER_KERNELS = frozenset({"QLinearConv", "NhwcQLinearConv", "ConvInteger", "QGemm", "QLinearMatMul",
-                             "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
-FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
-                           "ConvTranspose"})
-
 
 def torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     model.eval()
