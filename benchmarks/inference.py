@@ -219,8 +219,12 @@ def build_candidates(net: str, log: Any) -> tuple[list[Candidate], dict[str, Any
     x_check = torch.rand(64, *shape, generator=torch.Generator().manual_seed(5))
     checks = {}
     # (bits, share of channels zeroed, channel multiple kept by shrink_model)
-    for bits, prune, multiple in ((8, 0.0, 1), (8, PRUNE, 1), (8, PRUNE, MULTIPLE), (4, 0.0, 1), (4, PRUNE, 1)):
-        model = q8 if (bits, prune) == (8, 0.0) else make_model(net, bits, prune=prune)
+    # w7: 8-bit-class layers trained at 7 bits, so every layer runs u8 x s8 kernels (8-bit ones are
+    # uint8-weight u8 x u8 kernels, exact on every CPU but without VNNI's speed); first/last at 7 too.
+    for bits, prune, multiple in ((8, 0.0, 1), (8, PRUNE, 1), (8, PRUNE, MULTIPLE), (7, 0.0, 1), (4, 0.0, 1),
+                                  (4, PRUNE, 1)):
+        model = q8 if (bits, prune) == (8, 0.0) else make_model(net, bits, prune=prune,
+                                                                   first_last_bits=7 if bits == 7 else 8)
         name = f"rcdeploy w{bits}" + (" -50%ch" if prune else "") + (f" x{multiple}" if multiple > 1 else "")
         if prune:
             model, report = shrink_model(model, input_shape=shape, channel_multiple=multiple)
@@ -458,8 +462,12 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
              "w8_int8_limit_fraction": efficiency(st, g64, "rcdeploy w8", macs)[1],
              "w8_int8_limit_fraction_1t": efficiency(st, "b64/1t", "rcdeploy w8", macs)[1]}
         figures[net] = f
+        f["w7_b1"], f["w7_b64"] = speed("rcdeploy w7", GOAL_B1), speed("rcdeploy w7", g64)
         lines += [
             common.goal_line(f"{lab}: w8 vs fp32 at {GOAL_B1}", f["w8_b1"], 2.2),
+            common.goal_line(f"{lab}: w7 (8-bit-class layers at 7 bits: u8 x s8 kernels) vs fp32 at {GOAL_B1}",
+                             f["w7_b1"], 2.2),
+            common.goal_line(f"{lab}: w7 vs fp32 at {g64}", f["w7_b64"], 2.2),
             common.goal_line(f"{lab}: w8 vs fp32 at {g64} (b64/1t: {_x(f['w8_b64_1t'])})", f["w8_b64"], 2.2),
             common.goal_line(f"{lab}: w8 -50%ch vs fp32 at {GOAL_B1} (x{MULTIPLE} variant: {_x(f['w8p16_b1'])})",
                              f["w8p_b1"], 3.5),
@@ -720,8 +728,13 @@ def markdown(results: dict[str, Any], sections: list, cpus: int) -> str:
            "saturate, so the file computes something else on x86 CPUs without VNNI: AVX2, AVX-512 without VNNI; "
            "latency measured on such a CPU would time a wrong model); `brevitas QCDQ` = "
            "`brevitas.export.export_onnx_qcdq` of the same 8-bit model as is (its input is fixed at batch 1, so its "
-           "b64 columns are 64 batch-1 calls). `rcdeploy w8/w4` = rcdeploy's integer QDQ export (w4: packed INT4 "
-           "weights, read by plain onnxruntime); `-50%ch`: half of every prunable channel group zeroed and "
+           "b64 columns are 64 batch-1 calls). `rcdeploy w8/w7/w4` = rcdeploy's integer QDQ export (w4: packed INT4 "
+           "weights, read by plain onnxruntime; first and last layers at 8 bits, except w7 where every layer is 7-bit). "
+           "Weight forms (exact on every CPU, see the exactness section): layers of 7 bits or fewer are int8 with "
+           "|w| <= 64 (u8 x s8 kernels, VNNI-fast); 8-bit layers are uint8 with zero point 128 (u8 x u8 kernels: "
+           "onnxruntime has no VNNI u8 x u8 kernel, so an all-8-bit network runs near fp32 speed here; on AVX2 "
+           "u8 x u8 widens to 16 bits and, by reasoning, runs at about half the u8 x s8 rate). For speed, train "
+           "8-bit-class layers at 7 bits (`--bits 7`, `--first-last-bits 7`), as w7 does; `-50%ch`: half of every prunable channel group zeroed and "
            "physically removed (rcdeploy.export.shrink). Second table: integer MAC share, MACs/image and kernel "
            "time shares from onnxruntime's profiler on its optimized graph (b64, all threads, the goal's spin setting); "
            "GMAC/s and its share of the int8 limit: a 1024x1024x1024 `MatMulInteger` (uint8 x int8 -> int32) timed "

@@ -191,19 +191,15 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
               help="Write the final metrics as JSON to FILE ('-' for stdout).")
 def train(recipe: str | None, resume: str | None, json_path: str | None, **overrides: Any) -> None:
     """Adversarial quantization-aware training; writes runs/NAME/{best.pt,last.pt,metrics.jsonl,config.yaml}."""
-    from rcdeploy.config import default_recipe, make_config
-    from rcdeploy.train.loop import fit
+    from rcdeploy.api import train as train_run
     from rcdeploy.train.progress import RichReporter
 
     _check_out(json_path, "--json")
     for key in ("sparsity_params", "model_args"):
         overrides[key] = _key_values(overrides[key], key) if overrides.get(key) else None
-    if resume is not None and recipe is not None:
-        raise UsageError("--config cannot change a run on --resume (it continues with its own settings)")
-    cfg = None if resume is not None else make_config(recipe or default_recipe(overrides), overrides)
     console = _console()
     with RichReporter(console) as reporter:
-        result = fit(cfg, resume=resume, overrides=overrides, reporter=reporter)
+        result = train_run(recipe, resume=resume, reporter=reporter, **overrides)
     for key, (old, new) in result.changed.items():
         console.print(f"note: --{key} {new} overrides the run's {old}"
                       + (" (the learning-rate schedule follows the new length)" if key == "epochs" else ""))
@@ -258,13 +254,13 @@ Examples:
 def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str, storage: str | None, output: str,
            data_dir: str | None, verify_samples: int, no_noise: bool, json_path: str | None, runtime: str) -> None:
     """Verified integer ONNX (+ QONNX, .ort, model.json sidecar) from a training checkpoint."""
-    from rcdeploy.export.api import export_checkpoint, render_summary
+    from rcdeploy.api import export as export_run
+    from rcdeploy.export.api import render_summary
 
     _check_out(json_path, "--json")
-    fmts = ["qdq", "qonnx", "ort"] if formats.strip() == "all" else [f.strip() for f in formats.split(",") if f.strip()]
-    summary = export_checkpoint(checkpoint, bits=bits, prune_channels=prune_channels, formats=fmts,
-                                output=output, storage=storage, verify_samples=verify_samples, data_dir=data_dir,
-                                noise=not no_noise, runtime=runtime)
+    summary = export_run(checkpoint, bits=bits, prune_channels=prune_channels, formats=formats, output=output,
+                         storage=storage, verify_samples=verify_samples, data_dir=data_dir, noise=not no_noise,
+                         runtime=runtime).summary
     render_summary(summary, _console(stderr=json_path == "-"))
     _deliver(_json_output(json_path, summary))
 
@@ -314,7 +310,7 @@ def bench(model: str, no_latency: bool, latency_seconds: float, **kwargs: Any) -
     """Latency, size, clean and robust accuracy of a deployed ONNX file, in onnxruntime."""
     from pathlib import Path
 
-    from rcdeploy.deploy.bench import bench_model
+    from rcdeploy.api import bench as bench_run
     from rcdeploy.deploy.report import CSV_COLUMNS, csv_pending, render_bench
     from rcdeploy.io import check_csv_appendable
 
@@ -324,17 +320,17 @@ def bench(model: str, no_latency: bool, latency_seconds: float, **kwargs: Any) -
         check_csv_appendable(csv_path, CSV_COLUMNS, "--csv")
     if json_path is not None and csv_path is not None and Path(json_path) == Path(csv_path):
         raise UsageError(f"--json and --csv both name {json_path}; pass two files")
-    report = bench_model(model, latency=not no_latency, latency_seconds=latency_seconds, **kwargs)
+    report = bench_run(model, latency=not no_latency, latency_seconds=latency_seconds, progress=True, **kwargs)
     # With --json -, stdout carries the JSON alone; the table goes to stderr.
     render_bench(report, _console(stderr=json_path == "-"))
-    outputs = _json_output(json_path, report)
+    outputs = _json_output(json_path, report.to_dict())
     if csv_path is not None:
         outputs.append(csv_pending(csv_path, report))
     _deliver(outputs)
-    if report.get("errors"):
+    if report.errors:
         written = [str(p) for p in (json_path, csv_path) if p not in (None, "-")]
         kept = f"; the other results were written to {', '.join(written)}" if written else ""
-        raise UsageError(f"{report['errors'][0]}{kept}")
+        raise UsageError(f"{report.errors[0]}{kept}")
 
 
 # --------------------------------------------------------------------------------------- compare

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import yaml
 
 from rcdeploy import validate as V
 from rcdeploy.errors import UsageError
+from rcdeploy.units import parse_fraction
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -176,16 +176,6 @@ def check_settings(values: dict[str, Any], source: str, *, flags: bool = False) 
         except V.Invalid as e:
             raise UsageError(f"{source}: {e}" if not flags else str(e)) from None
     return values
-
-
-def parse_fraction(value: float | int | str, what: str = "value") -> float:
-    """'8/255' -> 0.0313..., '0.1' -> 0.1; anything else is a UsageError."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    try:
-        return float(Fraction(str(value).strip()))
-    except (ValueError, ZeroDivisionError, OverflowError):
-        raise UsageError(f"--{what} {V.shown(value)} is not a number or fraction like 8/255") from None
 
 
 def recipe_path(name_or_path: str | Path) -> Path:

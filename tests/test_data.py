@@ -450,12 +450,14 @@ def test_folder_odd_size_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
-def test_png_decoder_all_filter_types(channels):
-    # The fallback decoder when Pillow is absent; every filter type, against known pixels.
+def test_png_every_filter_type_reads_exactly(channels, tmp_path):
+    # Folder images are read with Pillow; every filter type, against known pixels.
     rng = np.random.default_rng(channels)
     img = rng.integers(0, 256, (11, 7, channels), dtype=np.uint8)
     for filters in ([0], [1], [2], [3], [4], [4, 3, 2, 1, 0]):
-        out = data._decode_png(_png(img, filters))
+        path = tmp_path / f"{''.join(map(str, filters))}.png"
+        path.write_bytes(_png(img, filters))
+        out = data.folder._read_image(path)
         assert np.array_equal(out, img[:, :, : 3 if channels == 4 else channels])  # alpha dropped
 
 

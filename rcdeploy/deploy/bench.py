@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,10 @@ import onnx
 from onnx import TensorProto
 
 from rcdeploy import validate as V
+from rcdeploy.artifacts.model_card import ModelCard
 from rcdeploy.errors import UsageError
+from rcdeploy.robustness import WorstCase, craft
+from rcdeploy.units import parse_fraction
 
 __all__ = [
     "ATTACK_BATCH",
@@ -56,7 +60,6 @@ SUBSET_SEED = 0  # fixed, never --seed: the same images are scored in every run,
 ATTACK_BATCH = 256  # images per attack call (twin autograd memory stays small at CIFAR size)
 EVAL_BATCH = 256  # images per onnxruntime call when scoring
 TINY_PIXELS = 32 * 32  # C*H*W at or below this: torch and the scoring session use 1 thread by default
-EPS_SLACK = 1e-6  # float32 rounding allowed when checking that images stay in the eps ball
 MIN_AGREEMENT_PCT = 99.0  # twin vs onnxruntime top-1 below this: white-box figures are suspect
 MAX_LATENCY_BATCH = 4096  # images per timed batch: more measures memory bandwidth, and can exhaust it
 MAX_SEED = 2**32 - 1
@@ -66,40 +69,23 @@ _STOCHASTIC_OPS = {"RandomNormalLike", "RandomUniformLike", "RandomNormal", "Ran
 # ----------------------------------------------------------------------------------------- inputs
 
 
-def _card_schema() -> V.Check:
-    """The sidecar fields bench reads, with their types: a card that names a dataset must get them right."""
-    fraction = V.one_of(V.number(0, 1, lo_open=True), V.text(max_len=64), expected="a number or a fraction like 8/255")
-    return V.mapping({
-        "dataset": V.mapping({"name": V.text(max_len=4096),
-                              "shape": V.optional(V.list_of(V.integer(1, 65_536), min_len=3, max_len=3))},
-                             required=("name",)),
-        "input": V.optional(V.mapping({"range": V.optional(V.list_of(V.number(), min_len=2, max_len=2))})),
-        "training": V.optional(V.mapping({"eps": V.optional(fraction),
-                                          "config": V.optional(V.mapping({"data_dir": V.optional(V.text())}))})),
-        "eps": V.optional(fraction),
-        "model": V.optional(V.mapping({"name": V.optional(V.text())})),
-    }, required=("dataset",))
+def read_sidecar(model_path: str | Path) -> tuple[ModelCard | None, str | None]:
+    """The model card next to `model_path` (model.json for model.onnx) and a note when it was set aside.
 
-
-def read_sidecar(model_path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The sidecar next to `model_path` (model.json for model.onnx) and a note when it was set aside.
-
-    A missing sidecar is normal (foreign models); one that is not JSON, or names no dataset, is
-    set aside with a note rather than failing, since `--dataset` can stand in for it. One that names
-    a dataset is a model card, and its fields must have the right types (a UsageError names the field).
+    A missing card is normal (foreign models); one that is not JSON, or names no dataset, is set aside
+    with a note rather than failing, since `--dataset` can stand in for it. One that names a dataset is
+    a model card, and its fields must have the right types (a UsageError names the field).
     """
-    p = Path(model_path).with_suffix(".json")
+    p = ModelCard.path_for(model_path)
     if not p.is_file():
         return None, None
     try:
-        card = json.loads(V.read_text_file(p, "sidecar"))
+        raw = json.loads(V.read_text_file(p, "sidecar"))
     except (RecursionError, json.JSONDecodeError) as e:
         return None, f"sidecar {p} ignored: not readable JSON ({V.clip(str(e)) or type(e).__name__})"
-    if not isinstance(card, dict) or not isinstance(card.get("dataset"), dict) or "name" not in card["dataset"]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("dataset"), dict) or "name" not in raw["dataset"]:
         return None, f"sidecar {p} ignored: it names no dataset (not an rcdeploy model card)"
-    card = V.validate(card, _card_schema(), f"sidecar {p}")
-    card["_path"] = str(p)
-    return card, None
+    return ModelCard.from_dict(raw, f"sidecar {p}", p), None
 
 
 def parse_batch_sizes(spec: str | int | list[int] | tuple[int, ...]) -> list[int]:
@@ -126,8 +112,6 @@ def parse_batch_sizes(spec: str | int | list[int] | tuple[int, ...]) -> list[int
 def _fraction(value: float | str | None, what: str) -> float | None:
     if value is None:
         return None
-    from rcdeploy.config import parse_fraction
-
     return parse_fraction(value, what)
 
 
@@ -306,6 +290,63 @@ class _ProgressSink:
 # ------------------------------------------------------------------------------------------- bench
 
 
+@dataclass
+class BenchSettings:
+    """Every bench setting, checked and resolved once (before any data is loaded)."""
+
+    path: Path
+    proto: onnx.ModelProto
+    input_name: str
+    dims: list[int | str | None]
+    card: ModelCard | None
+    profile: Any  # rcdeploy.runtime.session.TargetProfile
+    isa: str
+    cpu: Any  # rcdeploy.runtime.cpu.CpuKind of this machine
+    runtime: str
+    batch_sizes: list[int]
+    attack_spec: str  # "none" when no attack runs
+    eps_flag: float | None
+    step: float | None
+    dataset: str | None
+    data_dir: str | Path | None
+    samples: int | None
+    restarts: int
+    eot: int
+    seed: int
+    threads: int | None
+    latency: bool
+    latency_seconds: float
+    progress: bool | Any
+    notes: list[str] = field(default_factory=list)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def emulated(self) -> bool:
+        """Whether --isa names another kind of integer kernels than this CPU's (the twin scores then)."""
+        return self.isa != self.cpu.isa
+
+    @property
+    def no_attacks(self) -> bool:
+        return self.attack_spec.lower() in ("", "none")
+
+
+@dataclass
+class BenchImages:
+    """The scored test images, the dataset they come from, and the eps they are attacked at."""
+
+    meta: Any  # rcdeploy.data.DatasetMeta
+    x: Any  # torch.Tensor [n, C, H, W] in [0, 1]
+    y: Any  # torch.Tensor [n]
+    n_total: int
+    data_dir: str | Path | None
+    eps: float = 0.0
+    eps_source: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+
 def bench_model(
     model: str | Path,
     *,
@@ -347,244 +388,351 @@ def bench_model(
     runtime: 'onnxruntime' or 'openvino' (optional extra): the runtime that scores the images and is
         timed; the twin, the attacks' gradients and the static checks stay onnxruntime's graph semantics.
     """
-    t_start = time.perf_counter()
-    from rcdeploy.attacks import DEFAULT_STEP_FRACTION, parse_attacks
+    s = resolve_settings(model, attacks=attacks, dataset=dataset, data_dir=data_dir, samples=samples, eps=eps,
+                         step=step, restarts=restarts, eot=eot, target=target, batch_sizes=batch_sizes, seed=seed,
+                         threads=threads, latency=latency, latency_seconds=latency_seconds, progress=progress,
+                         isa=isa, runtime=runtime)
+    images = load_images(s)
+    scorer = Scorer.open(s, images)
+    accuracy = score_clean(s, images, scorer)
+    run_attacks(s, images, scorer, accuracy)
+    graph, size = measure_size(s, accuracy["flags"])
+    lat, errors = measure_latency(s, graph, size)
+    return build_report(s, images, scorer, accuracy, size, lat, errors)
+
+
+# ------------------------------------------------------------------------------------- 1. settings
+
+
+def resolve_settings(model: str | Path, **kw: Any) -> BenchSettings:
+    """Check every option (cheap, before any data is loaded) and resolve the model, its card and the CPU."""
     from rcdeploy.runtime.cpu import cpu_kind, resolve_isa
-    from rcdeploy.runtime.session import check_runtime, get_target, load_model_proto, open_runtime_session
+    from rcdeploy.runtime.session import check_runtime, get_target, load_model_proto
 
     path = Path(model)
-    profile = get_target(target)
-    isa_v, here = resolve_isa(isa), cpu_kind()
-    emulated = isa_v != here.isa
-    runtime = check_runtime(runtime)
-    if emulated and runtime != "onnxruntime":
+    profile = get_target(kw["target"])
+    isa_v, here = resolve_isa(kw["isa"]), cpu_kind()
+    runtime = check_runtime(kw["runtime"])
+    if isa_v != here.isa and runtime != "onnxruntime":
         raise UsageError(f"--isa {isa_v} emulates onnxruntime's integer kernels; with --runtime {runtime} bench scores "
                          f"on this CPU only (here {here.isa}): drop --isa or use --runtime onnxruntime")
     proto = load_model_proto(path)  # not a file / not ONNX: UsageError
     input_name, dims = _image_input(proto, str(path))
     card, sidecar_note = read_sidecar(path)
-    notes: list[str] = [sidecar_note] if sidecar_note else []
-    sizes = parse_batch_sizes(batch_sizes if batch_sizes is not None else ("1" if target == "mobile" else "1,64"))
+    batch_sizes = kw["batch_sizes"]
+    sizes = parse_batch_sizes(batch_sizes if batch_sizes is not None else ("1" if kw["target"] == "mobile" else "1,64"))
+    _check_numbers(kw)
+    spec = str(kw["attacks"] or "none").strip()
+    if spec.lower() not in ("", "none"):  # unknown names fail before any data is loaded
+        from rcdeploy.attacks import parse_attacks
+
+        parse_attacks(spec, eps=0.5)
+    eps_flag, step_v = _checked_eps_step(kw["eps"], kw["step"])
+    if card is not None and card.input_range is not None and card.input_range not in ([0, 1], [0.0, 1.0]):
+        raise UsageError(f"{card.path}: input range {card.input_range} is not [0, 1]; bench attacks images in [0, 1]")
+    return BenchSettings(
+        path=path, proto=proto, input_name=input_name, dims=dims, card=card, profile=profile, isa=isa_v, cpu=here,
+        runtime=runtime, batch_sizes=sizes, attack_spec=spec, eps_flag=eps_flag, step=step_v, dataset=kw["dataset"],
+        data_dir=kw["data_dir"], samples=kw["samples"], restarts=kw["restarts"], eot=kw["eot"], seed=kw["seed"],
+        threads=kw["threads"], latency=kw["latency"], latency_seconds=kw["latency_seconds"], progress=kw["progress"],
+        notes=[sidecar_note] if sidecar_note else [])
+
+
+def _check_numbers(kw: dict[str, Any]) -> None:
+    samples, restarts, eot, threads = kw["samples"], kw["restarts"], kw["eot"], kw["threads"]
     if samples is not None and int(samples) < 1:
         raise UsageError(f"--samples must be >= 1, got {samples}")
     if restarts < 1 or eot < 1:
         raise UsageError(f"--restarts and --eot must be >= 1, got {restarts} and {eot}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
-    if not 0 <= int(seed) <= MAX_SEED:
-        raise UsageError(f"--seed must be >= 0 and <= {MAX_SEED}, got {seed}")
-    if not (math.isfinite(latency_seconds) and 0 < latency_seconds <= 3600):
-        raise UsageError(f"--latency-seconds must be a finite number in (0, 3600], got {latency_seconds}")
-    spec = str(attacks or "none").strip()
-    no_attacks = spec.lower() in ("", "none")
-    if not no_attacks:  # unknown names fail before any data is loaded
-        parse_attacks(spec, eps=0.5)
+    if not 0 <= int(kw["seed"]) <= MAX_SEED:
+        raise UsageError(f"--seed must be >= 0 and <= {MAX_SEED}, got {kw['seed']}")
+    seconds = kw["latency_seconds"]
+    if not (math.isfinite(seconds) and 0 < seconds <= 3600):
+        raise UsageError(f"--latency-seconds must be a finite number in (0, 3600], got {seconds}")
+
+
+def _checked_eps_step(eps: float | str | None, step: float | str | None) -> tuple[float | None, float | None]:
     eps_flag, step_v = _fraction(eps, "eps"), _fraction(step, "step")
     if eps_flag is not None and not 0 < eps_flag <= 1:
         raise UsageError(f"--eps {eps_flag:g} is outside (0, 1]: eps is in [0, 1] image units, e.g. 8/255")
     if step_v is not None and not 0 < step_v <= 1:
         raise UsageError(f"--step {step_v:g} is outside (0, 1]: step is in [0, 1] image units, e.g. 2/255")
-    if card is not None:
-        rng = (card.get("input") or {}).get("range")
-        if rng is not None and rng != [0, 1] and rng != [0.0, 1.0]:
-            raise UsageError(f"{card['_path']}: input range {rng} is not [0, 1]; bench attacks images in [0, 1]")
+    return eps_flag, step_v
 
-    # --- dataset ---------------------------------------------------------------------------------
-    from rcdeploy.data import DatasetMeta, load_dataset
 
-    card_meta = (card or {}).get("dataset") or {}
-    name = dataset or card_meta.get("name")
+# --------------------------------------------------------------------------------------- 2. images
+
+
+def load_images(s: BenchSettings) -> BenchImages:
+    """The dataset (the flag's, else the card's), the fixed test subset, and the eps to attack at."""
+    from rcdeploy.data import load_dataset
+
+    card = s.card
+    name = s.dataset or (card.dataset_name if card else None)
     if not name:
-        raise UsageError(f"{path}: no sidecar {path.with_suffix('.json').name} names the dataset; pass --dataset NAME")
-    overridden = bool(dataset and card_meta.get("name") and dataset != card_meta["name"])
+        raise UsageError(f"{s.path}: no sidecar {s.path.with_suffix('.json').name} names the dataset; "
+                         "pass --dataset NAME")
+    overridden = bool(s.dataset and card and s.dataset != card.dataset_name)
     if overridden:
-        notes.append(f"--dataset {dataset} overrides the sidecar's {card_meta['name']}")
-    from_card = card is not None and not overridden  # the sidecar's eps and data_dir belong to its dataset
-    train_cfg = ((card or {}).get("training") or {}).get("config") or {}
-    if data_dir is None and from_card and train_cfg.get("data_dir"):
-        data_dir = train_cfg["data_dir"]
+        s.notes.append(f"--dataset {s.dataset} overrides the sidecar's {card.dataset_name}")
+    from_card = card is not None and not overridden  # the card's eps and data_dir belong to its dataset
+    data_dir = s.data_dir if s.data_dir is not None or not (from_card and card.data_dir) else card.data_dir
     data = load_dataset(name, data_dir)  # unknown dataset / missing files: UsageError
-    meta: DatasetMeta = data.meta
-    spatial = dims[1:]
+    images = _test_subset(s, data, data_dir)
+    images.eps, images.eps_source = _resolve_eps(s, images.meta, from_card)
+    return images
+
+
+def _test_subset(s: BenchSettings, data: Any, data_dir: str | Path | None) -> BenchImages:
+    meta = data.meta
+    spatial = s.dims[1:]
     if any(isinstance(d, int) and d > 0 and d != m for d, m in zip(spatial, meta.shape)):
-        raise UsageError(f"{path}: input {input_name!r} takes images {spatial}, dataset {meta.name!r} has {list(meta.shape)}; "
-                         "pass the --dataset the model was trained on")
-    test = data.test
-    n_total = len(test)
+        raise UsageError(f"{s.path}: input {s.input_name!r} takes images {spatial}, dataset {meta.name!r} has "
+                         f"{list(meta.shape)}; pass the --dataset the model was trained on")
+    n_total = len(data.test)
     if n_total == 0:
         raise UsageError(f"dataset {meta.name!r} has no test images")
-    n = min(int(samples) if samples is not None else DEFAULT_SAMPLES, n_total)
-    if samples is not None and int(samples) > n_total:
-        notes.append(f"--samples {samples}: the {meta.name} test split has {n_total} images, all used")
+    n = min(int(s.samples) if s.samples is not None else DEFAULT_SAMPLES, n_total)
+    if s.samples is not None and int(s.samples) > n_total:
+        s.notes.append(f"--samples {s.samples}: the {meta.name} test split has {n_total} images, all used")
     idx = _subset(n_total, n)
-    x_all = test.x[idx].cpu().float().contiguous()
-    y_all = test.y[idx].cpu().long()
-    x_np, y_np = x_all.numpy(), y_all.numpy()
+    return BenchImages(meta=meta, x=data.test.x[idx].cpu().float().contiguous(), y=data.test.y[idx].cpu().long(),
+                       n_total=n_total, data_dir=data_dir)
 
-    # --- eps, step, attacks ----------------------------------------------------------------------
-    training = (card or {}).get("training") or {}
-    card_eps = training.get("eps", (card or {}).get("eps"))
-    if eps_flag is not None:
-        eps_v, eps_source = eps_flag, "--eps"
+
+def _resolve_eps(s: BenchSettings, meta: Any, from_card: bool) -> tuple[float, str]:
+    """--eps, else the card's training eps, else the dataset's literature default."""
+    card_eps = s.card.training_eps if s.card is not None else None
+    if s.eps_flag is not None:
+        eps_v, source = s.eps_flag, "--eps"
     elif card_eps is not None and from_card:
         try:
-            eps_v, eps_source = _fraction(card_eps, "eps"), "sidecar training eps"
+            eps_v, source = _fraction(card_eps, "eps"), "sidecar training eps"
         except UsageError:
-            raise UsageError(f"sidecar {card['_path']}: training.eps: {V.shown(card_eps)} is not a number or "
+            raise UsageError(f"sidecar {s.card.path}: training.eps: {V.shown(card_eps)} is not a number or "
                              "fraction like 8/255; fix it, or pass --eps") from None
     else:
-        eps_v, eps_source = float(meta.default_eps), f"dataset {meta.name} default"
+        eps_v, source = float(meta.default_eps), f"dataset {meta.name} default"
     if not 0 < eps_v <= 1:
-        raise UsageError(f"eps {eps_v:g} ({eps_source}) is outside (0, 1]; pass --eps in [0, 1] image units, e.g. 8/255")
-    stochastic = _is_stochastic(proto)
-    draws = eot if stochastic else 1
-    if eot > 1 and not stochastic:
-        notes.append(f"--eot {eot} ignored: the graph has no random ops, one draw is exact")
-    attack_list = [] if no_attacks else parse_attacks(spec, eps=eps_v, step=step_v, restarts=restarts,
-                                                     eot=draws, seed=seed)
-    white = [a for a in attack_list if a.family != "square"]
-    pixels = int(np.prod(x_all.shape[1:]))
-    work_threads = threads if threads is not None else (1 if pixels <= TINY_PIXELS else None)
+        raise UsageError(f"eps {eps_v:g} ({source}) is outside (0, 1]; pass --eps in [0, 1] image units, e.g. 8/255")
+    return eps_v, source
 
-    # --- clean accuracy on onnxruntime -----------------------------------------------------------
-    # Scoring uses every core whatever the target (mobile's one thread is a latency setting only).
-    session = open_runtime_session(path, runtime=runtime, target=target, threads=work_threads or os.cpu_count() or 1)
-    twin_error = None
+
+# --------------------------------------------------------------------------------------- 3. scorer
+
+
+class Scorer:
+    """What scores images: onnxruntime (or OpenVINO) on this CPU, or the twin emulating --isa; and the
+    twin the white-box attacks take their gradients from (None when it cannot be built)."""
+
+    def __init__(self, s: BenchSettings, session: Any, twin: Any, twin_error: UsageError | None,
+                 twin_build_s: float, draws: int, work_threads: int | None) -> None:
+        self.s, self.session, self.twin, self.twin_error = s, session, twin, twin_error
+        self.twin_build_s, self.draws, self.work_threads = twin_build_s, draws, work_threads
+        self.stochastic = _is_stochastic(s.proto)
+        self.classes = 0  # logits per image, set when the clean images are scored
+        self.clean_preds = np.empty((0, 0), dtype=np.int64)  # [draws, N] top-1 on clean images
+        self.attack_list: list[Any] = []  # the attacks run, set by run_attacks
+
+    @classmethod
+    def open(cls, s: BenchSettings, images: BenchImages) -> Scorer:
+        from rcdeploy.runtime.session import open_runtime_session
+
+        stochastic = _is_stochastic(s.proto)
+        draws = s.eot if stochastic else 1
+        if s.eot > 1 and not stochastic:
+            s.notes.append(f"--eot {s.eot} ignored: the graph has no random ops, one draw is exact")
+        pixels = int(np.prod(images.x.shape[1:]))
+        work_threads = s.threads if s.threads is not None else (1 if pixels <= TINY_PIXELS else None)
+        # Scoring uses every core whatever the target (mobile's one thread is a latency setting only).
+        session = open_runtime_session(s.path, runtime=s.runtime, target=s.profile.name,
+                                       threads=work_threads or os.cpu_count() or 1)
+        twin, twin_error, build_s = _build_twin(s)
+        return cls(s, session, twin, twin_error, build_s, draws, work_threads)
+
+    def preds(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Top-1 predictions [draws, N]: onnxruntime on this CPU, or the twin emulating --isa."""
+        import torch
+
+        if not self.s.emulated:
+            return _ort_preds(self.session, x, self.draws)
+        with _torch_threads(self.work_threads), torch.no_grad():
+            preds = [_twin_preds(self.twin, torch.from_numpy(x)) for _ in range(self.draws)]
+        return np.stack(preds), int(self.twin(torch.from_numpy(x[:1])).shape[1])
+
+    def runtime_preds(self, x: np.ndarray, scored: np.ndarray) -> np.ndarray:
+        """The runtime's own predictions (one draw): `scored` unless the twin scored in its place."""
+        return _ort_preds(self.session, x, self.draws)[0] if self.s.emulated else scored[0]
+
+    def black_box(self, x: Any) -> Any:
+        """The black-box model Square queries: what scores the images (onnxruntime, or the emulation)."""
+        import torch
+
+        if self.s.emulated:
+            with torch.no_grad():
+                return self.twin(x.detach())
+        from rcdeploy.runtime.session import run_logits
+
+        return torch.from_numpy(run_logits(self.session, x.detach().cpu().numpy(), batch_size=EVAL_BATCH))
+
+    def twin_agreement(self, x: Any, runtime_preds: np.ndarray) -> np.ndarray:
+        return _twin_preds(self.twin, x) == runtime_preds
+
+
+def _build_twin(s: BenchSettings) -> tuple[Any, UsageError | None, float]:
     try:
         from rcdeploy.deploy.twin import build_twin
 
-        t_twin = time.perf_counter()
-        twin = build_twin(proto, ste=True, noise=True, isa=isa_v)
-        twin_build_s = time.perf_counter() - t_twin
+        t = time.perf_counter()
+        twin = build_twin(s.proto, ste=True, noise=True, isa=s.isa)
+        build_s = time.perf_counter() - t
     except UsageError as e:
-        twin, twin_error = None, e
-    if emulated and twin is None:
-        raise UsageError(f"{path}: --isa {isa_v} differs from this CPU ({here.isa}) and needs the differentiable twin "
-                         f"to emulate it, which cannot be built ({twin_error})")
-    import torch
+        twin, twin_error, build_s = None, e, 0.0
+    else:
+        twin_error = None
+    if s.emulated and twin is None:
+        raise UsageError(f"{s.path}: --isa {s.isa} differs from this CPU ({s.cpu.isa}) and needs the differentiable "
+                         f"twin to emulate it, which cannot be built ({twin_error})")
+    return twin, twin_error, build_s
 
-    def score_preds(x: np.ndarray) -> tuple[np.ndarray, int]:
-        """Top-1 predictions [draws, N]: onnxruntime on this CPU, or the twin emulating --isa."""
-        if not emulated:
-            return _ort_preds(session, x, draws)
-        with _torch_threads(work_threads), torch.no_grad():
-            preds = [_twin_preds(twin, torch.from_numpy(x)) for _ in range(draws)]
-        return np.stack(preds), int(twin(torch.from_numpy(x[:1])).shape[1])
 
-    clean_preds, classes = score_preds(x_np)
-    if classes < meta.num_classes:
-        raise UsageError(f"{path}: the model outputs {classes} logits, dataset {meta.name!r} has "
-                         f"{meta.num_classes} classes; pass the --dataset the model was trained on")
-    clean_score = (clean_preds == y_np[None]).mean(0)  # per sample, mean over draws
+# ----------------------------------------------------------------------------------------- 4. clean
 
-    accuracy: dict[str, Any] = {
+
+def score_clean(s: BenchSettings, images: BenchImages, scorer: Scorer) -> dict[str, Any]:
+    """Clean accuracy (the accuracy section so far), and the per-sample clean score kept on the scorer."""
+    y_np = images.y.numpy()
+    clean_preds, classes = scorer.preds(images.x.numpy())
+    if classes < images.meta.num_classes:
+        raise UsageError(f"{s.path}: the model outputs {classes} logits, dataset {images.meta.name!r} has "
+                         f"{images.meta.num_classes} classes; pass the --dataset the model was trained on")
+    scorer.classes, scorer.clean_preds = classes, clean_preds
+    n = images.n
+    return {
         "samples": n,
-        "test_split_images": n_total,
-        "subset": "all test images" if n == n_total else f"fixed random subset (seed {SUBSET_SEED}) of the test split",
-        "evaluation_draws": draws,
-        "clean_acc_pct": _pct(clean_score.mean()),
+        "test_split_images": images.n_total,
+        "subset": "all test images" if n == images.n_total else
+                  f"fixed random subset (seed {SUBSET_SEED}) of the test split",
+        "evaluation_draws": scorer.draws,
+        "clean_acc_pct": _pct((clean_preds == y_np[None]).mean(0).mean()),
         "clean_acc_draws_pct": [_pct((p == y_np).mean()) for p in clean_preds],
     }
 
+
+# --------------------------------------------------------------------------------------- 5. attacks
+
+
+def run_attacks(s: BenchSettings, images: BenchImages, scorer: Scorer, accuracy: dict[str, Any]) -> None:
+    """Every attack, scored on the runtime; the per-image worst case, twin agreement and flags into `accuracy`."""
+    import torch
+
+    from rcdeploy.attacks import parse_attacks
+
+    attack_list = [] if s.no_attacks else parse_attacks(s.attack_spec, eps=images.eps, step=s.step,
+                                                       restarts=s.restarts, eot=scorer.draws, seed=s.seed)
+    scorer.attack_list = attack_list
+    y_np = images.y.numpy()
+    worst = WorstCase()
+    worst.add("clean", (scorer.clean_preds == y_np[None]).mean(0))
     robust: list[dict[str, Any]] = []
     flags: list[str] = []
-    twin_info: dict[str, Any] = {"available": False}
-    with _torch_threads(work_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if twin is not None:
-            twin_info = {"available": True, "build_s": twin_build_s, "straight_through": True, "noise": stochastic,
-                         "isa": isa_v}
-        else:
-            if white:
-                raise UsageError(f"{path}: white-box attacks need the differentiable twin, which cannot be built "
-                                 f"({twin_error}); run squareN only") from None
-            twin_info = {"available": False, "reason": str(twin_error)}
-            notes.append(f"twin unavailable ({twin_error}); no twin agreement reported")
-        ort_clean = _ort_preds(session, x_np, draws)[0] if emulated else clean_preds
-        if twin is not None:
-            agree = _twin_preds(twin, x_all) == ort_clean[0]
-            twin_info["clean_agreement_pct"] = _pct(agree.mean())
-            if stochastic:
-                notes.append("the graph draws noise: twin agreement compares one draw of each, so it is below "
-                             "what a deterministic graph would give")
-
-        def ort_model(x: torch.Tensor) -> torch.Tensor:
-            """The black-box model Square queries: what scores the images (onnxruntime, or the emulation)."""
-            if emulated:
-                with torch.no_grad():
-                    return twin(x.detach())
-            from rcdeploy.runtime.session import run_logits
-
-            return torch.from_numpy(run_logits(session, x.detach().cpu().numpy(), batch_size=EVAL_BATCH))
-
-        scores = [clean_score]
-        adv_agree_all: list[np.ndarray] = []
-        with _ProgressSink(progress) as sink:
+    adv_agree: list[np.ndarray] = []
+    with _torch_threads(scorer.work_threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        twin_info = _twin_clean_agreement(s, images, scorer, white=any(a.family != "square" for a in attack_list))
+        with _ProgressSink(s.progress) as sink:
             for atk in attack_list:
-                box = atk.family == "square"
-                update = sink.task(f"{atk.name} ({runtime if box else 'twin gradients'})", n)
-                t = time.perf_counter()
-                advs = []
-                queries = []
-                for i in range(0, n, ATTACK_BATCH):
-                    xb, yb = x_all[i : i + ATTACK_BATCH], y_all[i : i + ATTACK_BATCH]
-                    advs.append(atk.attack(ort_model if box else twin, xb, yb))
-                    if box and getattr(atk, "queries_used", None) is not None:
-                        queries.append(atk.queries_used.float())
-                    update(advance=len(xb))
-                x_adv = torch.cat(advs)
-                elapsed = time.perf_counter() - t
-                delta = (x_adv - x_all).abs().amax().item()
-                within = delta <= atk.eps + EPS_SLACK
-                in_range = bool(x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0)
-                preds, _ = score_preds(x_adv.numpy())
-                score = (preds == y_np[None]).mean(0)
-                scores.append(score)
-                row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradients":
-                       f"none ({runtime} queries)" if box else "differentiable twin, straight-through rounding",
-                       "robust_acc_pct": _pct(score.mean()),
-                       "robust_acc_draws_pct": [_pct((p == y_np).mean()) for p in preds],
-                       "max_perturbation": delta, "eps": atk.eps, "within_eps": bool(within),
-                       "in_unit_range": in_range, "time_s": elapsed, "img_per_s": n / elapsed if elapsed else None}
-                if queries:
-                    q = torch.cat(queries)
-                    row["queries_mean"] = float(q.mean())
-                    row["queries_max"] = int(q.max())
-                if twin is not None:
-                    ort_adv = _ort_preds(session, x_adv.numpy(), draws)[0] if emulated else preds
-                    agree = _twin_preds(twin, x_adv) == ort_adv[0]
-                    adv_agree_all.append(agree)
-                    row["twin_agreement_pct"] = _pct(agree.mean())
-                if not within or not in_range:
+                row, score, agree = _one_attack(s, images, scorer, atk, sink)
+                worst.add(atk.name, score)
+                if agree is not None:
+                    adv_agree.append(agree)
+                if not row["within_eps"] or not row["in_unit_range"]:
                     flags.append(f"{atk.name} produced images outside the eps ball or [0, 1] "
-                                 f"(max |x_adv - x| = {delta:.6g}, eps {atk.eps:g}): its figure is invalid")
+                                 f"(max |x_adv - x| = {row['max_perturbation']:.6g}, eps {atk.eps:g}): its figure "
+                                 "is invalid")
                 robust.append(row)
-    if twin is not None and adv_agree_all:
-        twin_info["adversarial_agreement_pct"] = _pct(np.concatenate(adv_agree_all).mean())
-    for what in ("clean_agreement_pct", "adversarial_agreement_pct"):
-        v = twin_info.get(what)
-        if v is not None and v < MIN_AGREEMENT_PCT and not stochastic and not emulated:
-            flags.append(f"the twin agrees with onnxruntime on only {v:.1f}% of {what.split('_')[0]} images: "
-                         "white-box gradients may not reflect the deployed model")
-    flags += gradient_masking_flags(robust, n)
+    if scorer.twin is not None and adv_agree:
+        twin_info["adversarial_agreement_pct"] = _pct(np.concatenate(adv_agree).mean())
+    flags += _agreement_flags(s, scorer, twin_info) + gradient_masking_flags(robust, images.n)
     accuracy["robust"] = robust
     if robust:
-        worst = np.min(np.stack(scores), axis=0)
-        accuracy["worst_case_acc_pct"] = _pct(worst.mean())
-        accuracy["worst_case_over"] = ["clean", *(r["name"] for r in robust)]
+        accuracy["worst_case_acc_pct"] = _pct(worst.worst.mean())
+        accuracy["worst_case_over"] = worst.names
     accuracy["twin"] = twin_info
     accuracy["flags"] = flags
 
-    # --- size and what onnxruntime runs ----------------------------------------------------------
+
+def _twin_clean_agreement(s: BenchSettings, images: BenchImages, scorer: Scorer, white: bool) -> dict[str, Any]:
+    """The twin's section: how it was built and its top-1 agreement with the runtime on clean images."""
+    if scorer.twin is None:
+        if white:
+            raise UsageError(f"{s.path}: white-box attacks need the differentiable twin, which cannot be built "
+                             f"({scorer.twin_error}); run squareN only") from None
+        s.notes.append(f"twin unavailable ({scorer.twin_error}); no twin agreement reported")
+        return {"available": False, "reason": str(scorer.twin_error)}
+    info: dict[str, Any] = {"available": True, "build_s": scorer.twin_build_s, "straight_through": True,
+                            "noise": scorer.stochastic, "isa": s.isa}
+    runtime_clean = scorer.runtime_preds(images.x.numpy(), scorer.clean_preds)
+    info["clean_agreement_pct"] = _pct(scorer.twin_agreement(images.x, runtime_clean).mean())
+    if scorer.stochastic:
+        s.notes.append("the graph draws noise: twin agreement compares one draw of each, so it is below "
+                       "what a deterministic graph would give")
+    return info
+
+
+def _one_attack(s: BenchSettings, images: BenchImages, scorer: Scorer, atk: Any,
+                sink: _ProgressSink) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """Craft (twin gradients, or runtime queries for Square), score on the runtime: the report row."""
+    box = atk.family == "square"
+    update = sink.task(f"{atk.name} ({s.runtime if box else 'twin gradients'})", images.n)
+    made = craft(atk, scorer.black_box if box else scorer.twin, images.x, images.y, ATTACK_BATCH,
+                 on_batch=lambda k: update(advance=k))
+    y_np = images.y.numpy()
+    preds, _ = scorer.preds(made.x_adv.numpy())
+    score = (preds == y_np[None]).mean(0)
+    row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradients":
+           f"none ({s.runtime} queries)" if box else "differentiable twin, straight-through rounding",
+           "robust_acc_pct": _pct(score.mean()),
+           "robust_acc_draws_pct": [_pct((p == y_np).mean()) for p in preds],
+           "max_perturbation": made.max_perturbation, "eps": atk.eps, "within_eps": bool(made.within_eps),
+           "in_unit_range": made.in_unit_range, "time_s": made.time_s,
+           "img_per_s": images.n / made.time_s if made.time_s else None}
+    if box and made.queries is not None:
+        row["queries_mean"] = float(made.queries.mean())
+        row["queries_max"] = int(made.queries.max())
+    agree = None
+    if scorer.twin is not None:
+        agree = scorer.twin_agreement(made.x_adv, scorer.runtime_preds(made.x_adv.numpy(), preds))
+        row["twin_agreement_pct"] = _pct(agree.mean())
+    return row, score, agree
+
+
+def _agreement_flags(s: BenchSettings, scorer: Scorer, twin_info: dict[str, Any]) -> list[str]:
+    flags = []
+    for what in ("clean_agreement_pct", "adversarial_agreement_pct"):
+        v = twin_info.get(what)
+        if v is not None and v < MIN_AGREEMENT_PCT and not scorer.stochastic and not s.emulated:
+            flags.append(f"the twin agrees with onnxruntime on only {v:.1f}% of {what.split('_')[0]} images: "
+                         "white-box gradients may not reflect the deployed model")
+    return flags
+
+
+# ---------------------------------------------------------------------------------- 6. size, latency
+
+
+def measure_size(s: BenchSettings, flags: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Size and what onnxruntime runs (inspect_model); a saturating int16 pair is a flag."""
     from rcdeploy.deploy.inspect import inspect_model
 
-    graph = inspect_model(path, target=target)
+    graph = inspect_model(s.path, target=s.profile.name)
     pairs = graph.int16_pairs
     if pairs and not pairs.get("saturation_free"):
         flags.append(f"{len(pairs['can_saturate'])} integer kernel(s) can saturate int16 pair sums on x86 CPUs without "
                      f"VNNI (worst pair {pairs.get('worst_pair')} > {pairs.get('limit')}): the figures hold for --isa "
-                     f"{isa_v} only; bench with --isa {'exact' if isa_v == 'avx2' else 'avx2'} for the other kind")
-    size = {
+                     f"{s.isa} only; bench with --isa {'exact' if s.isa == 'avx2' else 'avx2'} for the other kind")
+    return graph, {
         "file_bytes": graph.file_bytes,
         "params": graph.params,
         "macs": graph.macs_total,
@@ -597,89 +745,118 @@ def bench_model(
         "int16_pairs": {k: v for k, v in pairs.items() if k != "per_kernel"},
     }
 
-    # --- latency -----------------------------------------------------------------------------------
-    lat: dict[str, Any] | None = None
+
+def _latency_sizes(s: BenchSettings) -> list[int]:
+    sizes = s.batch_sizes
+    if s.profile.name == "mobile" and sizes != [1]:
+        s.notes.append(f"target mobile measures batch 1 only (asked for {sizes})")
+        sizes = [1]
+    fixed = s.dims[0]
+    if isinstance(fixed, int) and fixed > 0 and sizes != [fixed]:
+        s.notes.append(f"the model takes a fixed batch of {fixed}; latency measured at that batch only")
+        sizes = [fixed]
+    return sizes
+
+
+def measure_latency(s: BenchSettings, graph: Any, size: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """Latency in a child process; a failure is kept beside the finished accuracy results, not raised."""
     errors: list[str] = []  # steps that failed after others finished: the report keeps what was measured
-    if latency:
-        from rcdeploy.deploy.latency import measure_in_subprocess
+    if not s.latency:
+        return None, errors
+    from rcdeploy.deploy.latency import measure_in_subprocess
 
-        lat_sizes = sizes
-        if profile.name == "mobile" and sizes != [1]:
-            notes.append(f"target mobile measures batch 1 only (asked for {sizes})")
-            lat_sizes = [1]
-        if isinstance(dims[0], int) and dims[0] > 0 and lat_sizes != [dims[0]]:
-            notes.append(f"the model takes a fixed batch of {dims[0]}; latency measured at that batch only")
-            lat_sizes = [dims[0]]
-        with _ProgressSink(progress) as sink:
-            update = sink.task(f"latency, target {profile.name}, {runtime}, batch {','.join(map(str, lat_sizes))}", 1,
-                               unit="run")
-            try:
-                lat = measure_in_subprocess(path, target=target, batch_sizes=lat_sizes, min_seconds=latency_seconds,
-                                            seed=seed, runtime=runtime)
-            except (UsageError, RuntimeError, OSError, MemoryError) as e:
-                # The accuracy results are done: keep them, and report the failure beside them.
-                errors.append(f"latency measurement failed ({V.clip(str(e), 200) or type(e).__name__})")
-                lat = None
-            update(advance=1)
-        if lat is not None:
-            lat["integer_mac_share_pct"] = size["integer_mac_share_pct"]
-            lat["optimized_op_histogram"] = graph.optimized_op_histogram
+    sizes = _latency_sizes(s)
+    lat = None
+    with _ProgressSink(s.progress) as sink:
+        update = sink.task(f"latency, target {s.profile.name}, {s.runtime}, batch {','.join(map(str, sizes))}", 1,
+                           unit="run")
+        try:
+            lat = measure_in_subprocess(s.path, target=s.profile.name, batch_sizes=sizes,
+                                        min_seconds=s.latency_seconds, seed=s.seed, runtime=s.runtime)
+        except (UsageError, RuntimeError, OSError, MemoryError) as e:
+            errors.append(f"latency measurement failed ({V.clip(str(e), 200) or type(e).__name__})")
+        update(advance=1)
+    if lat is not None:
+        lat["integer_mac_share_pct"] = size["integer_mac_share_pct"]
+        lat["optimized_op_histogram"] = graph.optimized_op_histogram
+    return lat, errors
 
-    import onnxruntime as ort
 
-    import rcdeploy
-    from rcdeploy.runtime.ov_session import openvino_version
+# ---------------------------------------------------------------------------------------- 7. report
 
+
+def build_report(s: BenchSettings, images: BenchImages, scorer: Scorer, accuracy: dict[str, Any],
+                 size: dict[str, Any], lat: dict[str, Any] | None, errors: list[str]) -> dict[str, Any]:
+    """The report (format `rcdeploy-bench` v1, `rcdeploy.artifacts.BenchReport`) as a JSON-able dict."""
+    card = s.card
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
-            "path": str(path),
-            "name": path.stem if path.stem != "model" else f"{path.parent.name}/{path.name}",
-            "file_sha256": _sha256(path),
-            "sidecar": (card or {}).get("_path"),
-            "architecture": ((card or {}).get("model") or {}).get("name"),
-            "bits": (card or {}).get("bits"),
-            "input_name": input_name,
-            "input_shape": dims,
-            "output_classes": classes,
-            "stochastic": stochastic,
+            "path": str(s.path),
+            "name": s.path.stem if s.path.stem != "model" else f"{s.path.parent.name}/{s.path.name}",
+            "file_sha256": _sha256(s.path),
+            "sidecar": str(card.path) if card is not None else None,
+            "architecture": card.architecture if card is not None else None,
+            "bits": card.bits if card is not None else None,
+            "input_name": s.input_name,
+            "input_shape": s.dims,
+            "output_classes": scorer.classes,
+            "stochastic": scorer.stochastic,
         },
-        "settings": {
-            "dataset": meta.name,
-            "data_dir": str(data_dir) if data_dir is not None else None,
-            "samples": n,
-            "eps": eps_v,
-            "eps_source": eps_source,
-            # iterative attacks' step (fgsm steps by eps, square by its vertex value: see each attack's settings)
-            "step": step_v if step_v is not None else eps_v * DEFAULT_STEP_FRACTION,
-            "attacks": [a.to_dict() for a in attack_list],
-            "restarts": restarts,
-            "eot": eot,
-            "evaluation_draws": draws,
-            "target": profile.name,
-            "batch_sizes": sizes,
-            "seed": seed,
-            "torch_threads": work_threads if work_threads is not None else torch.get_num_threads(),
-            "scoring_ort_threads": work_threads or os.cpu_count() or 1,
-            "latency_min_seconds": latency_seconds if latency else None,
-            "norm": "Linf",
-            "isa": isa_v,
-            "runtime": runtime,
-            "scored_by": (f"differentiable twin emulating {isa_v} (this CPU: {here.isa})" if emulated
-                          else f"{runtime} on this CPU ({here.isa})"),
-            "cpu": here.to_dict(),
-        },
+        "settings": _settings_section(s, images, scorer),
         "size": size,
         "latency": lat,
         "accuracy": accuracy,
-        "notes": notes,
+        "notes": s.notes,
         "errors": errors,
         "units": {"_pct": "percent of scored test images", "_ms": "milliseconds", "_s": "seconds",
                   "_bytes": "bytes", "img_per_s": "images per second at the median latency",
                   "eps/step/max_perturbation": "L-inf, [0, 1] image units", "macs": "multiply-accumulates per image"},
-        "versions": {"rcdeploy": rcdeploy.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
-                     "onnx": onnx.__version__, **({"openvino": openvino_version()} if runtime == "openvino" else {})},
-        "time_s": time.perf_counter() - t_start,
+        "versions": _versions(s.runtime),
+        "time_s": time.perf_counter() - s.t_start,
     }
+
+
+def _settings_section(s: BenchSettings, images: BenchImages, scorer: Scorer) -> dict[str, Any]:
+    import torch
+
+    from rcdeploy.attacks import DEFAULT_STEP_FRACTION
+
+    return {
+        "dataset": images.meta.name,
+        "data_dir": str(images.data_dir) if images.data_dir is not None else None,
+        "samples": images.n,
+        "eps": images.eps,
+        "eps_source": images.eps_source,
+        # iterative attacks' step (fgsm steps by eps, square by its vertex value: see each attack's settings)
+        "step": s.step if s.step is not None else images.eps * DEFAULT_STEP_FRACTION,
+        "attacks": [a.to_dict() for a in scorer.attack_list],
+        "restarts": s.restarts,
+        "eot": s.eot,
+        "evaluation_draws": scorer.draws,
+        "target": s.profile.name,
+        "batch_sizes": s.batch_sizes,
+        "seed": s.seed,
+        "torch_threads": scorer.work_threads if scorer.work_threads is not None else torch.get_num_threads(),
+        "scoring_ort_threads": scorer.work_threads or os.cpu_count() or 1,
+        "latency_min_seconds": s.latency_seconds if s.latency else None,
+        "norm": "Linf",
+        "isa": s.isa,
+        "runtime": s.runtime,
+        "scored_by": (f"differentiable twin emulating {s.isa} (this CPU: {s.cpu.isa})" if s.emulated
+                      else f"{s.runtime} on this CPU ({s.cpu.isa})"),
+        "cpu": s.cpu.to_dict(),
+    }
+
+
+def _versions(runtime: str) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    import rcdeploy
+    from rcdeploy.runtime.ov_session import openvino_version
+
+    return {"rcdeploy": rcdeploy.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "onnx": onnx.__version__, **({"openvino": openvino_version()} if runtime == "openvino" else {})}

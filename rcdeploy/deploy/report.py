@@ -1,17 +1,17 @@
 """Bench reports for people and scripts: rich tables, a CSV row per run, and `compare` with a Pareto plot.
 
-The JSON report itself is `bench_model`'s dict; this module only reads it, so a report written
-by an older run compares the same way as a fresh one.
+The report is a `rcdeploy.artifacts.BenchReport`; this module reads its figures through that class,
+so a report written by an older run compares the same way as a fresh one.
 """
 
 from __future__ import annotations
 
 import io
-import json
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from rcdeploy.artifacts.bench_report import BenchReport
 from rcdeploy.errors import UsageError
 
 __all__ = [
@@ -86,15 +86,12 @@ def _table(**kw: Any) -> Any:
                  title_style="bold", **kw)
 
 
-def _first_batch(lat: dict[str, Any] | None) -> dict[str, Any]:
-    return (lat or {}).get("batches", [{}])[0] if (lat or {}).get("batches") else {}
-
-
 # ----------------------------------------------------------------------------------------- bench
 
 
-def render_bench(report: dict[str, Any], console: Any) -> None:
+def render_bench(report: BenchReport | dict[str, Any], console: Any) -> None:
     """The report as rich tables (size, latency, accuracy), then flags and notes."""
+    report = report.to_dict() if isinstance(report, BenchReport) else report
     s, m, size, lat, acc = (report.get(k) or {} for k in ("settings", "model", "size", "latency", "accuracy"))
     console.print(f"[bold]rcdeploy bench[/] {m.get('path')}: {s.get('dataset')}, {s.get('samples')} test images, "
                   f"eps {fmt_eps(s.get('eps'))} ({s.get('eps_source')}), target {s.get('target')}"
@@ -165,28 +162,31 @@ def render_bench(report: dict[str, Any], console: Any) -> None:
         console.print(f"[dim]note: {note}[/]")
 
 
-def csv_row(report: dict[str, Any]) -> dict[str, Any]:
+def _as_report(report: BenchReport | dict[str, Any]) -> BenchReport:
+    return report if isinstance(report, BenchReport) else BenchReport.from_dict(report)
+
+
+def csv_row(report: BenchReport | dict[str, Any]) -> dict[str, Any]:
     """The report's headline figures as one flat row (CSV_COLUMNS)."""
-    s, m, size, acc = (report.get(k) or {} for k in ("settings", "model", "size", "accuracy"))
-    lat = report.get("latency") or {}
-    first = _first_batch(lat)
-    robust = acc.get("robust") or []
-    twin = acc.get("twin") or {}
-    ips = [b.get("img_per_s") for b in lat.get("batches", []) if b.get("img_per_s")]
+    r = _as_report(report)
+    lat = r.latency or {}
+    first = r.first_batch
+    twin = r.twin
+    ips = [b.get("img_per_s") for b in r.latency_batches if b.get("img_per_s")]
     return {
-        "created": report.get("created"),
-        "model": m.get("path"),
-        "file_sha256": m.get("file_sha256"),
-        "dataset": s.get("dataset"),
-        "target": s.get("target"),
-        "samples": s.get("samples"),
-        "eps": s.get("eps"),
-        "step": s.get("step"),
-        "attacks": ",".join(a["name"] for a in s.get("attacks", [])) or "none",
-        "file_bytes": size.get("file_bytes"),
-        "params": size.get("params"),
-        "macs": size.get("macs"),
-        "integer_mac_share_pct": size.get("integer_mac_share_pct"),
+        "created": r.created,
+        "model": r.model_path,
+        "file_sha256": r.file_sha256,
+        "dataset": r.dataset,
+        "target": r.target,
+        "samples": r.samples,
+        "eps": r.eps,
+        "step": r.step,
+        "attacks": ",".join(r.attack_names) or "none",
+        "file_bytes": r.file_bytes,
+        "params": r.params,
+        "macs": r.macs,
+        "integer_mac_share_pct": r.integer_mac_share_pct,
         "threads": lat.get("intra_op_threads"),
         "session_load_ms": 1e3 * lat["session_load_s"] if lat.get("session_load_s") is not None else None,
         "session_peak_rss_delta_bytes": lat.get("session_peak_rss_delta_bytes"),
@@ -196,16 +196,16 @@ def csv_row(report: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": first.get("p99_ms"),
         "img_per_s": first.get("img_per_s"),
         "max_img_per_s": max(ips) if ips else None,
-        "clean_acc_pct": acc.get("clean_acc_pct"),
-        "worst_case_acc_pct": acc.get("worst_case_acc_pct"),
-        "robust_acc_pct": ";".join(f"{r['name']}={r['robust_acc_pct']:.2f}" for r in robust),
+        "clean_acc_pct": r.clean_acc_pct,
+        "worst_case_acc_pct": r.worst_case_acc_pct,
+        "robust_acc_pct": ";".join(f"{row['name']}={row['robust_acc_pct']:.2f}" for row in r.robust),
         "twin_clean_agreement_pct": twin.get("clean_agreement_pct"),
         "twin_adversarial_agreement_pct": twin.get("adversarial_agreement_pct"),
-        "flags": " | ".join(acc.get("flags", [])),
+        "flags": " | ".join(r.flags),
     }
 
 
-def append_csv(path: str | Path, report: dict[str, Any], label: str = "--csv") -> Path:
+def append_csv(path: str | Path, report: BenchReport | dict[str, Any], label: str = "--csv") -> Path:
     """Append the report's row to `path` (header when new), atomically; only to a CSV with CSV_COLUMNS.
 
     A file with another first line (another tool's CSV, a JSON sidecar, an older column set) is
@@ -216,7 +216,7 @@ def append_csv(path: str | Path, report: dict[str, Any], label: str = "--csv") -
     return append_csv_row(path, CSV_COLUMNS, csv_row(report), label)
 
 
-def csv_pending(path: str | Path, report: dict[str, Any], label: str = "--csv") -> Any:
+def csv_pending(path: str | Path, report: BenchReport | dict[str, Any], label: str = "--csv") -> Any:
     """The CSV row as a pending output (`rcdeploy.io.deliver`): rescued as a one-row CSV if it cannot be written."""
     from rcdeploy.io import Pending, csv_text
 
@@ -225,45 +225,6 @@ def csv_pending(path: str | Path, report: dict[str, Any], label: str = "--csv") 
 
 
 # --------------------------------------------------------------------------------------- compare
-
-
-def _report_schema() -> Any:
-    """The fields `compare` reads from a bench report, with their types (the report's one schema)."""
-    from rcdeploy import validate as V
-
-    num = V.optional(V.number())
-    return V.mapping({
-        "format": V.text(), "version": V.integer(0),
-        "model": V.optional(V.mapping({"path": V.optional(V.text()), "name": V.optional(V.text())})),
-        "settings": V.optional(V.mapping({
-            "dataset": V.optional(V.text()), "target": V.optional(V.text()), "eps": num,
-            "samples": V.optional(V.integer(0)),
-            "attacks": V.optional(V.list_of(V.mapping({"name": V.text()}, required=("name",)))),
-        })),
-        "size": V.optional(V.mapping({k: num for k in ("file_bytes", "params", "macs", "integer_mac_share_pct")})),
-        "latency": V.optional(V.mapping({"batches": V.optional(V.list_of(V.mapping({
-            "batch_size": V.optional(V.integer(1)), "p50_ms": num, "img_per_s": num})))})),
-        "accuracy": V.optional(V.mapping({"clean_acc_pct": num, "worst_case_acc_pct": num})),
-    }, required=("format",))
-
-
-def _load_report(path: str | Path) -> dict[str, Any]:
-    from rcdeploy import validate as V
-
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"report {str(p)!r} is not a file; pass JSON files written by `rcdeploy bench --json`")
-    try:
-        data = json.loads(V.read_text_file(p, "report"))
-    except (RecursionError, json.JSONDecodeError) as e:
-        raise UsageError(f"report {str(p)!r} is not JSON ({V.clip(str(e)) or type(e).__name__}); pass "
-                         "`bench --json` output") from None
-    from rcdeploy.deploy.bench import REPORT_FORMAT
-
-    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
-        raise UsageError(f"report {str(p)!r} is not an rcdeploy bench report; write one with "
-                         "`rcdeploy bench MODEL.onnx --json FILE`")
-    return V.validate(data, _report_schema(), f"report {p}")
 
 
 def pareto_front(points: list[tuple[float, ...]], maximize: tuple[bool, ...]) -> list[bool]:
@@ -305,29 +266,7 @@ def compare_reports(paths: list[str], plot: str | None = None) -> dict[str, Any]
         _plot_available()  # before any work: a missing library is a usage problem, not a crash
         if Path(plot).is_dir():
             raise UsageError(f"--plot {plot} is a folder; pass a file name, e.g. --plot pareto.png")
-    reports = [_load_report(p) for p in paths]
-    rows = []
-    for path, r in zip(paths, reports):
-        s, m, size, acc = (r.get(k) or {} for k in ("settings", "model", "size", "accuracy"))
-        first = _first_batch(r.get("latency"))
-        rows.append({
-            "report": str(path),
-            "model": m.get("name") or Path(str(m.get("path"))).stem,
-            "dataset": s.get("dataset"),
-            "target": s.get("target"),
-            "eps": s.get("eps"),
-            "attacks": ",".join(a["name"] for a in s.get("attacks", [])) or "none",
-            "samples": s.get("samples"),
-            "file_bytes": size.get("file_bytes"),
-            "params": size.get("params"),
-            "macs": size.get("macs"),
-            "integer_mac_share_pct": size.get("integer_mac_share_pct"),
-            "latency_batch": first.get("batch_size"),
-            "latency_ms": first.get("p50_ms"),
-            "img_per_s": first.get("img_per_s"),
-            "clean_acc_pct": acc.get("clean_acc_pct"),
-            "robust_acc_pct": acc.get("worst_case_acc_pct"),
-        })
+    rows = [_compare_row(path, BenchReport.load(path)) for path in paths]
     names = [row["model"] for row in rows]
     if len(set(names)) < len(names):  # one model benched twice, or same names in different folders
         stems = [Path(row["report"]).stem for row in rows]
@@ -349,6 +288,28 @@ def compare_reports(paths: list[str], plot: str | None = None) -> dict[str, Any]
     if plot is not None:
         table["plot"] = str(write_pareto_plot(rows, plot))
     return table
+
+
+def _compare_row(path: str, r: BenchReport) -> dict[str, Any]:
+    first = r.first_batch
+    return {
+        "report": str(path),
+        "model": r.model_name or Path(str(r.model_path)).stem,
+        "dataset": r.dataset,
+        "target": r.target,
+        "eps": r.eps,
+        "attacks": ",".join(r.attack_names) or "none",
+        "samples": r.samples,
+        "file_bytes": r.file_bytes,
+        "params": r.params,
+        "macs": r.macs,
+        "integer_mac_share_pct": r.integer_mac_share_pct,
+        "latency_batch": first.get("batch_size"),
+        "latency_ms": first.get("p50_ms"),
+        "img_per_s": first.get("img_per_s"),
+        "clean_acc_pct": r.clean_acc_pct,
+        "robust_acc_pct": r.worst_case_acc_pct,
+    }
 
 
 def write_pareto_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:

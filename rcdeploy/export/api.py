@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from rcdeploy.artifacts._json import jsonable
+from rcdeploy.artifacts.checkpoint import Checkpoint
+from rcdeploy.artifacts.model_card import ModelCard
 from rcdeploy.errors import UsageError, VerificationError
+from rcdeploy.export import sidecar
 from rcdeploy.io import atomic_write_files, check_writable
 from rcdeploy.quant.presets import FLOAT, bits_name, parse_bits
-from rcdeploy.quant.spec import QuantSpec, layer_bits, weight_layers
+from rcdeploy.quant.spec import layer_bits, weight_layers
 from rcdeploy.runtime.cpu import cpu_kind
 from rcdeploy.runtime.ov_session import openvino_version
 from rcdeploy.runtime.session import check_runtime
@@ -133,12 +138,69 @@ def _act_bits(model: nn.Module) -> dict[str, int | None]:
     return out
 
 
+@dataclass
+class ExportJob:
+    """The export's settings, checked and resolved before any work."""
+
+    checkpoint: str | Path
+    fmts: list[str]
+    storage: str
+    runtime: str
+    paths: dict[str, Path]
+    bits: int | str | None
+    prune_channels: bool
+    verify_samples: int
+    data_dir: str | Path | None
+    noise: bool
+
+
+@dataclass
+class ExportResult:
+    """What `rcdeploy.export` returns: the model card written, and the summary the CLI prints (`--json`)."""
+
+    card: ModelCard
+    summary: dict[str, Any]
+
+    @property
+    def files(self) -> dict[str, int]:
+        """Written file -> bytes."""
+        return dict(self.summary.get("files") or {})
+
+
+@dataclass
+class _Built:
+    """What the export has so far: the model being exported, its files in memory, and the figures."""
+
+    model: nn.Module
+    x_ver: torch.Tensor
+    y_ver: torch.Tensor
+    summary: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    files: dict[Path, bytes] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # the model card's export sections
+    integer: Any = None  # the QDQ export (rcdeploy.export.qdq), when one was built
+
+
 def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | str | None = None,
                       prune_channels: bool = False, formats: Sequence[str] | str = ("qdq",),
                       output: str | Path = "model.onnx", storage: str | None = None, verify_samples: int = 512,
                       data_dir: str | Path | None = None, noise: bool = True,
                       runtime: str = "onnxruntime") -> dict[str, Any]:
     """Export a training checkpoint; returns a JSON-able summary (files, sizes, verification, kernels).
+
+    The summary of `export_model` (which also returns the typed model card); same settings.
+    """
+    return export_model(checkpoint, bits=bits, prune_channels=prune_channels, formats=formats, output=output,
+                        storage=storage, verify_samples=verify_samples, data_dir=data_dir, noise=noise,
+                        runtime=runtime).summary
+
+
+def export_model(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | str | None = None,
+                 prune_channels: bool = False, formats: Sequence[str] | str = ("qdq",),
+                 output: str | Path = "model.onnx", storage: str | None = None, verify_samples: int = 512,
+                 data_dir: str | Path | None = None, noise: bool = True,
+                 runtime: str = "onnxruntime") -> ExportResult:
+    """Export a training checkpoint: load -> transform -> one writer per format (each verified) -> card.
 
     runtime: the runtime the file is for. "openvino" stores sub-8-bit weights as plain int8 (OpenVINO runs
     the packed INT4 -> Cast -> Mul chain in float) and also verifies the file in OpenVINO, reporting which
@@ -147,176 +209,249 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
     Raises UsageError for bad input and VerificationError when an exported file does not compute what
     the PyTorch model computes; in both cases nothing is written.
     """
-    from rcdeploy.data import load_dataset
-    from rcdeploy.export import sidecar
-    from rcdeploy.export.qdq import STORAGES, build_qdq, bytes_by_dtype
-    from rcdeploy.export.verify import compare_logits, judge, kernel_report, torch_logits, verify_onnx
-    from rcdeploy.train.checkpoint import load_model
+    job = resolve_job(checkpoint, bits=bits, prune_channels=prune_channels, formats=formats, output=output,
+                      storage=storage, verify_samples=verify_samples, data_dir=data_dir, noise=noise, runtime=runtime)
+    ckpt, data, built = load(job)
+    transform(job, ckpt, data, built)
+    for fmt in WRITERS:
+        if any(f in job.fmts for f in WRITERS[fmt][0]):
+            WRITERS[fmt][1](job, built)
+    card = write_card(job, ckpt, built)
+    return ExportResult(card=card, summary=jsonable(built.summary))
 
-    fmts = parse_formats(formats)
-    runtime = check_runtime(runtime)
-    if storage is None:
-        storage = "int8" if runtime == "openvino" else "packed"
-    if runtime == "openvino":
-        if not openvino_version():  # before any work
-            raise UsageError("--runtime openvino needs OpenVINO: pip install 'rcdeploy[openvino]' (or pip install "
-                             "openvino)")
+
+# --------------------------------------------------------------------------------------- 1. settings
+
+
+def resolve_job(checkpoint: str | Path, **kw: Any) -> ExportJob:
+    """Check every setting and every output path before the work (an unwritable folder fails now)."""
+    from rcdeploy.export.qdq import STORAGES
+
+    fmts = parse_formats(kw["formats"])
+    runtime = check_runtime(kw["runtime"])
+    storage = kw["storage"] if kw["storage"] is not None else ("int8" if runtime == "openvino" else "packed")
+    if runtime == "openvino" and not openvino_version():  # before any work
+        raise UsageError("--runtime openvino needs OpenVINO: pip install 'rcdeploy[openvino]' (or pip install "
+                         "openvino)")
     if storage not in STORAGES:
         raise UsageError(f"unknown storage {storage!r}; choose one of: {', '.join(STORAGES)}")
-    if int(verify_samples) < 1:
-        raise UsageError(f"--verify-samples must be at least 1 (every export is verified), got {verify_samples}")
-    paths = output_paths(output)
+    if int(kw["verify_samples"]) < 1:
+        raise UsageError(f"--verify-samples must be at least 1 (every export is verified), got {kw['verify_samples']}")
+    paths = output_paths(kw["output"])
     for p in paths.values():
         if p.is_dir():
             raise UsageError(f"{p} is a folder; pass a file name with -o, e.g. -o {p / 'model.onnx'}")
     for p in _written(paths, fmts):  # before the work: an unwritable folder fails now, not after verification
         check_writable(p, "-o")
+    return ExportJob(checkpoint=checkpoint, fmts=fmts, storage=storage, runtime=runtime, paths=paths,
+                     bits=kw["bits"], prune_channels=kw["prune_channels"], verify_samples=int(kw["verify_samples"]),
+                     data_dir=kw["data_dir"], noise=kw["noise"])
 
-    model, ckpt = load_model(checkpoint)
-    meta = ckpt.get("dataset") or {}
-    if "name" not in meta or "shape" not in meta:
-        raise UsageError(f"{checkpoint}: the checkpoint names no dataset; re-train it with `rcdeploy train`")
-    input_shape = tuple(int(s) for s in meta["shape"])
-    spec = QuantSpec.from_dict(ckpt["model"]["quant"])
-    model, noise_removed = _strip_noise(model, noise)
-    cfg = ckpt.get("config") or {}
-    data = load_dataset(meta["name"], data_dir if data_dir is not None else cfg.get("data_dir"))
-    if tuple(data.meta.shape) != input_shape:
-        raise UsageError(f"dataset {meta['name']!r} now has images of shape {list(data.meta.shape)}, the checkpoint "
-                         f"was trained on {list(input_shape)}; pass the --data-dir it was trained with")
-    x_ver, y_ver = heldout_images(data, int(verify_samples))
-    notes: list[str] = []
-    summary: dict[str, Any] = {"checkpoint": str(checkpoint), "model": ckpt["model"]["name"],
-                               "dataset": meta["name"], "formats": fmts, "storage": storage}
+
+# ------------------------------------------------------------------------------------------- 2. load
+
+
+def load(job: ExportJob) -> tuple[Checkpoint, Any, _Built]:
+    """The checkpoint's model, its dataset (verification images, PTQ calibration) and the held-out images."""
+    from rcdeploy.data import load_dataset
+
+    ckpt = Checkpoint.load(job.checkpoint)
+    model = ckpt.build_model()
+    if ckpt.dataset_name is None or ckpt.input_shape is None:
+        raise UsageError(f"{job.checkpoint}: the checkpoint names no dataset; re-train it with `rcdeploy train`")
+    model, noise_removed = _strip_noise(model, job.noise)
+    data = load_dataset(ckpt.dataset_name, job.data_dir if job.data_dir is not None else ckpt.data_dir)
+    if tuple(data.meta.shape) != ckpt.input_shape:
+        raise UsageError(f"dataset {ckpt.dataset_name!r} now has images of shape {list(data.meta.shape)}, the "
+                         f"checkpoint was trained on {list(ckpt.input_shape)}; pass the --data-dir it was trained with")
+    x_ver, y_ver = heldout_images(data, job.verify_samples)
+    summary = {"checkpoint": str(job.checkpoint), "model": ckpt.model_name, "dataset": ckpt.dataset_name,
+               "formats": job.fmts, "storage": job.storage}
+    built = _Built(model=model, x_ver=x_ver, y_ver=y_ver, summary=summary)
     if noise_removed:
-        notes.append(f"noise injection removed for export: {', '.join(noise_removed)}")
+        built.notes.append(f"noise injection removed for export: {', '.join(noise_removed)}")
+    return ckpt, data, built
 
-    if prune_channels:
-        model, summary["pruning"] = _shrink(model, input_shape)
 
-    trained_bits = spec.bits
-    summary["trained_bits"] = trained_bits
-    summary["bits"] = trained_bits
-    if bits is not None:
-        want = parse_bits(bits)
-        if want == FLOAT:
-            raise UsageError("--bits float gives no integer model; export at the trained bits (omit --bits)")
-        if trained_bits != FLOAT and want > trained_bits:
-            raise UsageError(f"--bits {want} is above the {trained_bits} bits the model was trained with; omit --bits "
-                             "to export at the trained bits, or train at the wider width")
-        if want != trained_bits:
-            from rcdeploy.export.ptq import requantize
+# -------------------------------------------------------------------------------------- 3. transform
 
-            acc_before = _accuracy(model, x_ver, y_ver)
-            model, ptq = requantize(model, spec, want, data.train.x.cpu(), data.train.y.cpu())
-            acc_after = _accuracy(model, x_ver, y_ver)
-            ptq.update({"heldout_images": len(x_ver), "heldout_acc_before": acc_before,
-                        "heldout_acc_after": acc_after, "heldout_acc_change": acc_after - acc_before})
-            summary["ptq"] = ptq
-            summary["bits"] = want
-            msg = (f"weights quantized post-training from {bits_name(trained_bits)} to {bits_name(want)} (no "
-                   f"retraining): held-out accuracy {acc_before:.2%} -> {acc_after:.2%}; robustness was not re-measured "
-                   "(run `rcdeploy bench`)")
-            warnings.warn(msg, stacklevel=2)
-            notes.append(msg)
 
-    files: dict[Path, bytes] = {}
-    export_info: dict[str, Any] = {}
-    ex = None
-    if "qdq" in fmts or "ort" in fmts:
-        ex = build_qdq(model, input_shape, storage=storage, doc=f"rcdeploy export of {checkpoint}")
-        qdq_bytes = ex.to_bytes()
-        # The static int16 proof first: it holds for every CPU, where the comparison below speaks for this one.
-        kernels = kernel_report(qdq_bytes, ex.layer_macs)
-        _require_saturation_free(kernels["int16_pairs"])
-        summary["verification"] = verify_onnx(qdq_bytes, model, x_ver, y_ver, logit_step=ex.logit_step)
-        if any(layer.storage == "int4" for layer in ex.layers):
-            # Packed INT4 must also fuse in a plain onnxruntime session (no rcdeploy loader): check that too.
-            plain = kernel_report(qdq_bytes, ex.layer_macs, widen=False)
-            kernels["plain_onnxruntime_integer_mac_share"] = plain.get("integer_mac_share")
-            if plain.get("integer_mac_share", 0.0) < kernels.get("integer_mac_share", 0.0):
-                notes.append(f"plain onnxruntime runs only {plain.get('integer_mac_share', 0.0):.1%} of MACs of the "
-                             "packed INT4 file in integer kernels; load it with rcdeploy.runtime.session.open_session "
-                             "or export with --storage int8")
-        summary["kernels"] = kernels
-        if runtime == "openvino":
-            summary["openvino_verification"], summary["openvino_int8_layers"] = _verify_in_openvino(
-                ex.model, model, x_ver, ex.logit_step)
-            floats = summary["openvino_int8_layers"]["float"]
-            if floats:
-                notes.append(f"OpenVINO runs {len(floats)} of {summary['openvino_int8_layers']['layers']} conv/matmul "
-                             "layers in float (8-bit layers are stored as uint8 so that no CPU saturates them; "
-                             "train them at 7 bits, --first-last-bits 7, for int8 kernels in OpenVINO too)")
-        if kernels["float_conv_nodes"] or kernels.get("integer_mac_share", 1.0) < 1.0:
-            msg = (f"{kernels['float_conv_nodes']} float Conv node(s) remain in onnxruntime's optimized graph; "
-                   f"{kernels.get('integer_mac_share', 0.0):.1%} of MACs run in integer kernels")
-            warnings.warn(msg, stacklevel=2)
-            notes.append(msg)
-        export_info.update({
-            "layers": [layer.to_dict() for layer in ex.layers],
-            "activations": ex.act_quantizers,
-            "float_affine_ops": ex.float_affine_ops,
-        })
-        if "qdq" in fmts:
-            files[paths["qdq"]] = qdq_bytes
-            export_info.setdefault("files", {})[paths["qdq"].name] = {
-                "format": "onnx-qdq", "opset": 21, "bytes": len(qdq_bytes),
-                "bytes_by_dtype": bytes_by_dtype(ex.model), "storage": storage}
-        if "ort" in fmts:
-            from rcdeploy.export.ort_format import check_ort_format, to_ort_format
-            from rcdeploy.runtime.session import run_logits
+def transform(job: ExportJob, ckpt: Checkpoint, data: Any, built: _Built) -> None:
+    """Physical channel removal, then post-training quantization to `--bits` below the trained bits."""
+    if job.prune_channels:
+        built.model, built.summary["pruning"] = _shrink(built.model, ckpt.input_shape)
+    trained_bits = ckpt.quant.bits
+    built.summary["trained_bits"] = trained_bits
+    built.summary["bits"] = trained_bits
+    if job.bits is None:
+        return
+    want = parse_bits(job.bits)
+    if want == FLOAT:
+        raise UsageError("--bits float gives no integer model; export at the trained bits (omit --bits)")
+    if trained_bits != FLOAT and want > trained_bits:
+        raise UsageError(f"--bits {want} is above the {trained_bits} bits the model was trained with; omit --bits "
+                         "to export at the trained bits, or train at the wider width")
+    if want != trained_bits:
+        _requantize(ckpt, data, built, want)
 
-            ort_bytes, ort_config = to_ort_format(qdq_bytes, paths["ort"].name)
-            session = check_ort_format(ort_bytes)
-            xo = x_ver[:ORT_CHECK_IMAGES]
-            ort_check = compare_logits(torch_logits(model, xo), run_logits(session, xo.numpy()), ex.logit_step)
-            failure = judge(ort_check)
-            if failure:
-                raise VerificationError(f"the .ort file: {failure}; nothing was written")
-            summary["ort_verification"] = ort_check
-            files[paths["ort"]] = ort_bytes
-            files[paths["ort_config"]] = ort_config.encode()
-            export_info.setdefault("files", {})[paths["ort"].name] = {
-                "format": "ort", "bytes": len(ort_bytes), "required_operators": paths["ort_config"].name}
-    if "qonnx" in fmts:
-        from rcdeploy.export.qonnx_export import check_qonnx, export_qonnx_bytes
 
-        qonnx_bytes = export_qonnx_bytes(model, input_shape)
-        summary["qonnx_verification"] = check_qonnx(qonnx_bytes, model, x_ver[:QONNX_CHECK_IMAGES])
-        files[paths["qonnx"]] = qonnx_bytes
-        export_info.setdefault("files", {})[paths["qonnx"].name] = {"format": "qonnx", "bytes": len(qonnx_bytes)}
+def _requantize(ckpt: Checkpoint, data: Any, built: _Built, want: int) -> None:
+    from rcdeploy.export.ptq import requantize
 
-    layers = export_info.get("layers") or _layer_table(model)
-    export_info.setdefault("layers", layers)
-    export_info.update({
-        "storage": storage,
-        "bits": {"trained": trained_bits, "exported": summary["bits"],
+    trained_bits = ckpt.quant.bits
+    acc_before = _accuracy(built.model, built.x_ver, built.y_ver)
+    built.model, ptq = requantize(built.model, ckpt.quant, want, data.train.x.cpu(), data.train.y.cpu())
+    acc_after = _accuracy(built.model, built.x_ver, built.y_ver)
+    ptq.update({"heldout_images": len(built.x_ver), "heldout_acc_before": acc_before,
+                "heldout_acc_after": acc_after, "heldout_acc_change": acc_after - acc_before})
+    built.summary["ptq"] = ptq
+    built.summary["bits"] = want
+    msg = (f"weights quantized post-training from {bits_name(trained_bits)} to {bits_name(want)} (no "
+           f"retraining): held-out accuracy {acc_before:.2%} -> {acc_after:.2%}; robustness was not re-measured "
+           "(run `rcdeploy bench`)")
+    warnings.warn(msg, stacklevel=4)
+    built.notes.append(msg)
+
+
+# ---------------------------------------------------------------------------------------- 4. writers
+
+
+def write_integer(job: ExportJob, built: _Built) -> None:
+    """The QDQ graph (qdq, and the .ort conversion of it): int16 proof, verification, kernel checks."""
+    from rcdeploy.export.qdq import build_qdq, bytes_by_dtype
+    from rcdeploy.export.verify import kernel_report, verify_onnx
+
+    ex = build_qdq(built.model, ckpt_shape(built), storage=job.storage, doc=f"rcdeploy export of {job.checkpoint}")
+    built.integer = ex
+    qdq_bytes = ex.to_bytes()
+    # The static int16 proof first: it holds for every CPU, where the comparison below speaks for this one.
+    kernels = kernel_report(qdq_bytes, ex.layer_macs)
+    _require_saturation_free(kernels["int16_pairs"])
+    built.summary["verification"] = verify_onnx(qdq_bytes, built.model, built.x_ver, built.y_ver,
+                                                logit_step=ex.logit_step)
+    _check_plain_int4(ex, qdq_bytes, kernels, built.notes)
+    built.summary["kernels"] = kernels
+    if job.runtime == "openvino":
+        _openvino_check(ex, built)
+    if kernels["float_conv_nodes"] or kernels.get("integer_mac_share", 1.0) < 1.0:
+        msg = (f"{kernels['float_conv_nodes']} float Conv node(s) remain in onnxruntime's optimized graph; "
+               f"{kernels.get('integer_mac_share', 0.0):.1%} of MACs run in integer kernels")
+        warnings.warn(msg, stacklevel=4)
+        built.notes.append(msg)
+    built.info.update({"layers": [layer.to_dict() for layer in ex.layers], "activations": ex.act_quantizers,
+                       "float_affine_ops": ex.float_affine_ops})
+    if "qdq" in job.fmts:
+        built.files[job.paths["qdq"]] = qdq_bytes
+        built.info.setdefault("files", {})[job.paths["qdq"].name] = {
+            "format": "onnx-qdq", "opset": 21, "bytes": len(qdq_bytes),
+            "bytes_by_dtype": bytes_by_dtype(ex.model), "storage": job.storage}
+    if "ort" in job.fmts:
+        write_ort(job, built, qdq_bytes)
+
+
+def ckpt_shape(built: _Built) -> tuple[int, ...]:
+    return tuple(int(s) for s in built.x_ver.shape[1:])
+
+
+def _check_plain_int4(ex: Any, qdq_bytes: bytes, kernels: dict[str, Any], notes: list[str]) -> None:
+    """Packed INT4 must also fuse in a plain onnxruntime session (no rcdeploy loader): check that too."""
+    from rcdeploy.export.verify import kernel_report
+
+    if not any(layer.storage == "int4" for layer in ex.layers):
+        return
+    plain = kernel_report(qdq_bytes, ex.layer_macs, widen=False)
+    kernels["plain_onnxruntime_integer_mac_share"] = plain.get("integer_mac_share")
+    if plain.get("integer_mac_share", 0.0) < kernels.get("integer_mac_share", 0.0):
+        notes.append(f"plain onnxruntime runs only {plain.get('integer_mac_share', 0.0):.1%} of MACs of the "
+                     "packed INT4 file in integer kernels; load it with rcdeploy.runtime.session.open_session "
+                     "or export with --storage int8")
+
+
+def _openvino_check(ex: Any, built: _Built) -> None:
+    summary = built.summary
+    summary["openvino_verification"], summary["openvino_int8_layers"] = _verify_in_openvino(
+        ex.model, built.model, built.x_ver, ex.logit_step)
+    floats = summary["openvino_int8_layers"]["float"]
+    if floats:
+        built.notes.append(f"OpenVINO runs {len(floats)} of {summary['openvino_int8_layers']['layers']} conv/matmul "
+                           "layers in float (8-bit layers are stored as uint8 so that no CPU saturates them; "
+                           "train them at 7 bits, --first-last-bits 7, for int8 kernels in OpenVINO too)")
+
+
+def write_ort(job: ExportJob, built: _Built, qdq_bytes: bytes) -> None:
+    """The .ort file (mobile, reduced build config), checked in onnxruntime against the PyTorch model."""
+    from rcdeploy.export.ort_format import check_ort_format, to_ort_format
+    from rcdeploy.export.verify import compare_logits, judge, torch_logits
+    from rcdeploy.runtime.session import run_logits
+
+    ort_bytes, ort_config = to_ort_format(qdq_bytes, job.paths["ort"].name)
+    session = check_ort_format(ort_bytes)
+    xo = built.x_ver[:ORT_CHECK_IMAGES]
+    ort_check = compare_logits(torch_logits(built.model, xo), run_logits(session, xo.numpy()),
+                               built.integer.logit_step)
+    failure = judge(ort_check)
+    if failure:
+        raise VerificationError(f"the .ort file: {failure}; nothing was written")
+    built.summary["ort_verification"] = ort_check
+    built.files[job.paths["ort"]] = ort_bytes
+    built.files[job.paths["ort_config"]] = ort_config.encode()
+    built.info.setdefault("files", {})[job.paths["ort"].name] = {
+        "format": "ort", "bytes": len(ort_bytes), "required_operators": job.paths["ort_config"].name}
+
+
+def write_qonnx(job: ExportJob, built: _Built) -> None:
+    """The QONNX graph (FINN / FPGA tool flows), checked with qonnx's own executor."""
+    from rcdeploy.export.qonnx_export import check_qonnx, export_qonnx_bytes
+
+    qonnx_bytes = export_qonnx_bytes(built.model, ckpt_shape(built))
+    built.summary["qonnx_verification"] = check_qonnx(qonnx_bytes, built.model, built.x_ver[:QONNX_CHECK_IMAGES])
+    built.files[job.paths["qonnx"]] = qonnx_bytes
+    built.info.setdefault("files", {})[job.paths["qonnx"].name] = {"format": "qonnx", "bytes": len(qonnx_bytes)}
+
+
+# Export formats: writer -> (the --format names it serves, the writer). The single source of format names.
+WRITERS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "integer": (("qdq", "ort"), write_integer),
+    "qonnx": (("qonnx",), write_qonnx),
+}
+
+
+# ------------------------------------------------------------------------------------------- 5. card
+
+
+def write_card(job: ExportJob, ckpt: Checkpoint, built: _Built) -> ModelCard:
+    """The model card from the checkpoint and the figures; then every file, atomically."""
+    summary, info = built.summary, built.info
+    layers = info.get("layers") or _layer_table(built.model)
+    info.setdefault("layers", layers)
+    info.update({
+        "storage": job.storage,
+        "bits": {"trained": summary["trained_bits"], "exported": summary["bits"],
                  "weights": {row["name"]: row.get("weight_bits") for row in layers},
-                 "activations": _act_bits(model)},
+                 "activations": _act_bits(built.model)},
         "channels_kept": {row["name"]: row.get("out_channels") for row in layers},
         "params": int(sum(row.get("params", 0) for row in layers)),
-        "macs": int(sum(row.get("macs", 0) or 0 for row in layers)) if ex else None,
+        "macs": int(sum(row.get("macs", 0) or 0 for row in layers)) if built.integer else None,
         "verification": {k: summary.get(k) for k in ("verification", "ort_verification", "qonnx_verification")
                          if k in summary},
         "kernels": summary.get("kernels"),
-        "runtime": runtime,
+        "runtime": job.runtime,
         "openvino": ({"verification": summary["openvino_verification"], "int8_layers": summary["openvino_int8_layers"],
-                      "version": openvino_version()} if runtime == "openvino" and "openvino_verification" in summary
+                      "version": openvino_version()} if job.runtime == "openvino" and "openvino_verification" in summary
                      else None),
         "exported_on": cpu_kind().to_dict(),
         "pruning": summary.get("pruning"),
         "ptq": summary.get("ptq"),
-        "notes": notes,
+        "notes": built.notes,
     })
-    card = sidecar.build_card(ckpt=ckpt, model_spec=ckpt["model"], export=export_info)
-    files[paths["sidecar"]] = sidecar.card_text(card).encode()
-
-    atomic_write_files(files)
-    summary["files"] = {str(p): len(b) for p, b in files.items()}
-    summary["params"] = export_info["params"]
-    summary["macs"] = export_info["macs"]
-    summary["notes"] = notes
-    return sidecar.jsonable(summary)
+    card = sidecar.build_card(ckpt, info)
+    built.files[job.paths["sidecar"]] = card.text().encode()
+    atomic_write_files(built.files)
+    summary["files"] = {str(p): len(b) for p, b in built.files.items()}
+    summary["params"] = info["params"]
+    summary["macs"] = info["macs"]
+    summary["notes"] = built.notes
+    return card
 
 
 def _require_saturation_free(pairs: dict[str, Any]) -> None:

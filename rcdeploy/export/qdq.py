@@ -31,15 +31,18 @@ for any int8 weight (checked on its optimized graph), so the 4-bit file is about
 and still runs int8 kernels in plain onnxruntime, no special loader needed. (An INT4 initializer
 read by DequantizeLinear directly is *not* fused: onnxruntime dequantizes it and runs a float Conv.)
 `storage="int8"` stores the int8 values instead, for readers without INT4 support.
+
+Which ops a module becomes is its layer rule's `emit` (`rcdeploy.models.layer_rules`, shared with the
+channel tracer and shrink); the rule asks this writer for the Q/DQ pairs, weight forms and folds.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import brevitas.nn as qnn
 import ml_dtypes
 import numpy as np
 import onnx
@@ -48,7 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from rcdeploy.errors import UsageError
-from rcdeploy.models.common import Normalize
+from rcdeploy.models.layer_rules import WeightRule, no_integer_mapping, rule_for
 from rcdeploy.models.trace import trace
 from rcdeploy.quant.presets import FLOAT
 from rcdeploy.quant.spec import layer_bits
@@ -134,6 +137,7 @@ class _Pending:
 
     module_name: str
     module: nn.Module
+    rule: WeightRule  # what kind of weight layer it is (Conv or Gemm, attributes, geometry)
     x: _Quant
     w_int: np.ndarray  # int8 values, shape of the weight
     w_scale: np.ndarray  # float64 [out]
@@ -295,6 +299,8 @@ def _weight_tensor(b: _Builder, w_int: np.ndarray, k: int, bits: int, storage: s
 
 
 class _Writer:
+    """Walks the fx graph once; modules go to their layer rule, which writes through this writer."""
+
     def __init__(self, model: nn.Module, storage: str) -> None:
         self.model = model
         self.storage = storage
@@ -312,9 +318,8 @@ class _Writer:
         whose output stays float (PreAct blocks add the raw conv output to the shortcut)."""
         b = self.b
         base = p.module_name
-        m = p.module
-        is_conv = isinstance(m, qnn.QuantConv2d)
-        conv_integer = is_conv and out_q is None
+        m, rule = p.module, p.rule
+        conv_integer = rule.float_output_op is not None and out_q is None
         max_int = np.abs(p.w_int.astype(np.int64)).reshape(len(p.w_scale), -1).max(1)
         form, k = _weight_form(int(max_int.max()), conv_integer)
         w_scale32 = (p.w_scale / k).astype(np.float32)
@@ -326,7 +331,8 @@ class _Writer:
             # the MACs on integers and rescales the exact int32 sums per channel afterwards.
             w_name, stored = _weight_tensor(b, p.w_int, 1, p.bits, self.storage, form)
             w_zp = b.scalar(_U8U8_ZERO_POINT, np.uint8) if form == "u8u8" else b.scalar(0, np.int8)
-            y = b.node("ConvInteger", [p.x.name, w_name, p.x.zp_init, w_zp], base, **self._conv_attrs(m, base))
+            y = b.node(rule.float_output_op, [p.x.name, w_name, p.x.zp_init, w_zp], base,
+                       **rule.onnx_attrs(m, base))
             y = b.node("Cast", [y], to=TensorProto.FLOAT)
             y = b.node("Mul", [y, b.init("as", acc_scale32.reshape(1, -1, 1, 1))])
             y = b.node("Add", [y, b.init("b", p.bias.astype(np.float32).reshape(1, -1, 1, 1))], out=out_name)
@@ -336,29 +342,17 @@ class _Writer:
             w_inputs = [w_name, b.init("ws", w_scale32)]
             if form == "u8u8":
                 w_inputs.append(b.init("wz", np.full(len(w_scale32), _U8U8_ZERO_POINT, np.uint8)))
-            elif not is_conv:
-                # onnxruntime 1.31 fuses DQ -> Gemm into QGemm only when the weight DQ names its zero point
-                # (DQ -> Conv fuses without one, so convolutions save those bytes).
+            elif rule.names_weight_zero_point:
                 w_inputs.append(b.init("wz", np.zeros(len(w_scale32), np.int8)))
             w_dq = b.node("DequantizeLinear", w_inputs, axis=0)
             b_dq = b.node("DequantizeLinear", [b.init("b", b_int), b.init("bs", acc_scale32)], axis=0)
-            if is_conv:
-                y = b.node("Conv", [x_dq, w_dq, b_dq], base, out=None if out_q else out_name,
-                           **self._conv_attrs(m, base))
-            else:
-                y = b.node("Gemm", [x_dq, w_dq, b_dq], base, out=None if out_q else out_name, alpha=1.0,
-                           beta=1.0, transA=0, transB=1)
+            y = b.node(rule.onnx_op, [x_dq, w_dq, b_dq], base, out=None if out_q else out_name,
+                       **rule.onnx_attrs(m, base))
         spread = p.w_int.astype(np.int64).reshape(len(p.w_scale), -1) * k
         worst = 0 if form == "u8u8" else int(worst_pair_sums(spread).max(initial=0))
-        if is_conv:
-            op, kernel, stride, groups = "conv", list(m.kernel_size), list(m.stride), m.groups
-            in_ch, out_ch = m.in_channels, m.out_channels
-            spatial = int(np.prod(self.out_shapes[base][2:]))
-            macs = spatial * out_ch * (in_ch // groups) * int(np.prod(kernel))
-        else:
-            op, kernel, stride, groups = "linear", [1], [1], 1
-            in_ch, out_ch = m.in_features, m.out_features
-            macs = in_ch * out_ch
+        op, kernel, stride, groups = rule.geometry(m)
+        in_ch, out_ch = rule.widths(m)
+        macs = rule.macs(m, tuple(self.out_shapes[base][2:]) if rule.macs_need_out_hw else None)
         self.layers.append(LayerInfo(
             name=base, onnx_node=base, op=op, weight_bits=p.bits, act_bits_in=p.x.bits,
             act_bits_out=out_q[2] if out_q else None, in_channels=in_ch, out_channels=out_ch, kernel=kernel,
@@ -366,22 +360,12 @@ class _Writer:
             bn_folded=p.bn_folded, negative_bn_gains=p.negative_gains, kernel_form=form, weight_spread=k,
             worst_pair=worst))
         if out_q is None:
-            if not is_conv:
+            if not conv_integer:
                 # One step of one input feature through the largest weight of the layer: the natural unit of
                 # a float-output layer's disagreement.
                 self.logit_step = float(p.x.scale * np.max(max_int * p.w_scale))
             return _Float(y)
         return b.q(y, out_q[0], out_q[1], out_q[2])
-
-    @staticmethod
-    def _conv_attrs(m: nn.Module, base: str) -> dict[str, Any]:
-        if isinstance(m.padding, str):
-            raise UsageError(f"layer {base}: string padding {m.padding!r} is not supported by the integer export")
-        if m.padding_mode != "zeros":
-            raise UsageError(f"layer {base}: padding mode {m.padding_mode!r} is not supported (zeros only)")
-        ph, pw = m.padding
-        return dict(kernel_shape=list(m.kernel_size), strides=list(m.stride), pads=[ph, pw, ph, pw],
-                    dilations=list(m.dilation), group=m.groups)
 
     def as_float(self, v: Any, base: str) -> _Float:
         if isinstance(v, _Float):
@@ -422,94 +406,66 @@ class _Writer:
             else:
                 raise UsageError(f"unsupported fx node {node.op} {node.target} in the integer export")
 
-    def _quant_of(self, node: fx.Node, module: nn.Module, v: Any, env: dict) -> Any:
-        name = str(node.target)
-        scale, zp, bits, signed = _act_params(module, name)
-        self.acts[name] = {"bits": bits, "signed": signed, "scale": float(np.float32(scale)), "zero_point": zp,
-                           "relu": isinstance(module, qnn.QuantReLU)}
-        if isinstance(v, _Pending) and v.users == 1 and v.done is None:
-            return self.emit_linear(v, (scale, zp, bits))
-        if isinstance(v, _Quant) and isinstance(module, qnn.QuantIdentity) and v.zero_point == zp \
-                and np.float32(v.scale) == np.float32(scale):
-            return v  # re-quantizing onto the same grid is the identity
-        # A QuantReLU on a float value: the unsigned quantizer (zero point 0) saturates at 0, i.e. is the ReLU.
-        f = self.as_float(v, name)
-        return self.b.q(f.name, scale, zp, bits)
-
     def module_node(self, node: fx.Node, m: nn.Module, env: dict) -> Any:
         name = str(node.target)
-        b = self.b
         args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
-        v = args[0] if args else None
-        if isinstance(m, (qnn.QuantReLU, qnn.QuantIdentity)):
-            return self._quant_of(node, m, v, env)
-        if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)):
-            if not isinstance(v, _Quant):
-                raise UsageError(f"layer {name} reads an unquantized tensor; put a quantizer in front of it "
-                                 "(the integer export needs quantized inputs to every conv and linear layer)")
-            if m.input_quant.is_quant_enabled or m.output_quant.is_quant_enabled or m.bias_quant.is_quant_enabled:
-                raise UsageError(f"layer {name} has its own input/output/bias quantizer, which the integer export "
-                                 "does not map; use --format qonnx")
-            if isinstance(m, qnn.QuantConv2d) and len(m.kernel_size) != 2:
-                raise UsageError(f"layer {name}: only 2-d convolutions export")
-            w_int, w_scale, bits = _weight_ints(m, name)
-            bias = (m.bias.detach().double().cpu().numpy() if m.bias is not None
-                    else np.zeros(w_int.shape[0], np.float64))
-            return _Pending(name, m, v, w_int, w_scale, bias, bits, users=len(node.users))
-        if isinstance(m, nn.BatchNorm2d):
-            if isinstance(v, _Pending) and v.users == 1 and not v.bn_folded:
-                _fold_bn(v, m)
-                v.users = len(node.users)
-                return v
-            # BatchNorm not after a conv (PreAct blocks): folding into the next conv is not exact at
-            # zero-padded borders, so it stays a per-channel float affine between DQ and Q.
-            f = self.as_float(v, name)
-            sigma = np.sqrt(m.running_var.detach().double().cpu().numpy() + m.eps)
-            gamma = m.weight.detach().double().cpu().numpy() if m.affine else np.ones_like(sigma)
-            beta = m.bias.detach().double().cpu().numpy() if m.affine else np.zeros_like(sigma)
-            mu = m.running_mean.detach().double().cpu().numpy()
-            mul = (gamma / sigma).astype(np.float32).reshape(1, -1, 1, 1)
-            add = (beta - gamma * mu / sigma).astype(np.float32).reshape(1, -1, 1, 1)
-            y = b.node("Mul", [f.name, b.init("bnm", mul)], f"{name}.mul")
-            self.float_affine.append(name)
-            return _Float(b.node("Add", [y, b.init("bna", add)], f"{name}.add"))
-        if isinstance(m, Normalize):
-            f = self.as_float(v, name)
-            y = b.node("Sub", [f.name, b.init("mean", m.mean.detach().cpu().numpy().astype(np.float32))],
-                       f"{name}.sub")
-            return _Float(b.node("Div", [y, b.init("std", m.std.detach().cpu().numpy().astype(np.float32))],
-                                 f"{name}.div"))
-        if isinstance(m, nn.Identity):
-            return v
-        if isinstance(m, (nn.AdaptiveAvgPool2d,)):
-            size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
-            if tuple(size) != (1, 1):
-                raise UsageError(f"{name}: only global average pooling (output size 1) exports")
-            return _Float(b.node("GlobalAveragePool", [self.as_float(v, name).name], name))
-        if isinstance(m, nn.MaxPool2d):
-            k = _pair(m.kernel_size)
-            s = _pair(m.stride if m.stride is not None else m.kernel_size)
-            p = _pair(m.padding)
-            d = _pair(m.dilation)
-            attrs = dict(kernel_shape=list(k), strides=list(s), pads=[p[0], p[1], p[0], p[1]], dilations=list(d),
-                         ceil_mode=int(m.ceil_mode))
-            if isinstance(v, _Quant):
-                # Max commutes with a monotonic quantizer: pool the uint8 tensor itself.
-                y = b.node("MaxPool", [v.name], name, **attrs)
-                return _Quant(y, v.scale, v.zero_point, v.scale_init, v.zp_init, v.bits)
-            return _Float(b.node("MaxPool", [self.as_float(v, name).name], name, **attrs))
-        if isinstance(m, nn.Flatten):
-            return self._flatten(v, m.start_dim, m.end_dim, name)
-        raise UsageError(f"module {name} ({type(m).__name__}) has no integer-ONNX mapping; "
-                         "export with --format qonnx")
+        rule = rule_for(m)
+        if rule is None:
+            raise no_integer_mapping(name, m)
+        return rule.emit(self, name, m, args[0] if args else None, len(node.users))
 
-    def _flatten(self, v: Any, start: int, end: int, base: str) -> Any:
+    # -- what a layer rule may write (the `IntegerGraph` protocol) ----------------------------------
+    def is_quantized(self, x: Any) -> bool:
+        return isinstance(x, _Quant)
+
+    def requantize(self, name: str, m: nn.Module, x: Any, *, relu: bool) -> Any:
+        """An activation quantizer: the Q of a pending layer's output, or of any value."""
+        scale, zp, bits, signed = _act_params(m, name)
+        self.acts[name] = {"bits": bits, "signed": signed, "scale": float(np.float32(scale)), "zero_point": zp,
+                           "relu": relu}
+        if isinstance(x, _Pending) and x.users == 1 and x.done is None:
+            return self.emit_linear(x, (scale, zp, bits))
+        if isinstance(x, _Quant) and not relu and x.zero_point == zp and np.float32(x.scale) == np.float32(scale):
+            return x  # re-quantizing onto the same grid is the identity
+        # A QuantReLU on a float value: the unsigned quantizer (zero point 0) saturates at 0, i.e. is the ReLU.
+        f = self.as_float(x, name)
+        return self.b.q(f.name, scale, zp, bits)
+
+    def weight_layer(self, name: str, m: nn.Module, x: Any, users: int, rule: WeightRule) -> _Pending:
+        """A conv/linear on a uint8 input, held until its BatchNorm and output quantizer are known."""
+        w_int, w_scale, bits = _weight_ints(m, name)
+        bias = m.bias.detach().double().cpu().numpy() if m.bias is not None else np.zeros(w_int.shape[0], np.float64)
+        return _Pending(name, m, rule, x, w_int, w_scale, bias, bits, users=users)
+
+    def fold_batch_norm(self, x: Any, m: nn.BatchNorm2d, users: int) -> _Pending | None:
+        """Fold `m` into the pending conv it alone reads, if it does; None otherwise."""
+        if isinstance(x, _Pending) and x.users == 1 and not x.bn_folded:
+            _fold_bn(x, m)
+            x.users = users
+            return x
+        return None
+
+    def float_ops(self, name: str, x: Any, steps: Sequence[tuple[str, str, np.ndarray, str]]) -> _Float:
+        """Float ops applying a constant each, in order: (op, constant kind, constant, node name suffix)."""
+        y = self.as_float(x, name).name
+        for op, kind, const, suffix in steps:
+            y = self.b.node(op, [y, self.b.init(kind, const)], f"{name}.{suffix}")
+        return _Float(y)
+
+    def mark_float_affine(self, name: str) -> None:
+        self.float_affine.append(name)
+
+    def unary(self, op: str, name: str, x: Any, *, on_uint8: bool, **attrs: Any) -> _Quant | _Float:
+        """A one-input node; with `on_uint8`, a uint8 input stays uint8 on the same grid (layout ops, max)."""
+        if on_uint8 and isinstance(x, _Quant):
+            y = self.b.node(op, [x.name], name, **attrs)
+            return _Quant(y, x.scale, x.zero_point, x.scale_init, x.zp_init, x.bits)
+        return _Float(self.b.node(op, [self.as_float(x, name).name], name, **attrs))
+
+    def flatten(self, v: Any, start: int, end: int, base: str) -> Any:
         if start != 1 or end != -1:
             raise UsageError(f"{base}: only flatten(x, 1) exports")
-        if isinstance(v, _Quant):  # a layout op: stays on the uint8 tensor
-            y = self.b.node("Flatten", [v.name], base, axis=1)
-            return _Quant(y, v.scale, v.zero_point, v.scale_init, v.zp_init, v.bits)
-        return _Float(self.b.node("Flatten", [self.as_float(v, base).name], base, axis=1))
+        return self.unary("Flatten", base, v, on_uint8=True, axis=1)  # a layout op: stays on the uint8 tensor
 
     def function_node(self, node: fx.Node, env: dict) -> Any:
         args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
@@ -520,7 +476,7 @@ class _Writer:
         if fn is torch.flatten:
             start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
             end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
-            return self._flatten(args[0], start, end, node.name)
+            return self.flatten(args[0], start, end, node.name)
         raise UsageError(f"operation {getattr(fn, '__name__', fn)} ({node.name}) has no integer-ONNX mapping; "
                          "export with --format qonnx")
 
@@ -529,13 +485,9 @@ class _Writer:
         if node.target == "flatten":
             start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
             end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
-            return self._flatten(args[0], start, end, node.name)
+            return self.flatten(args[0], start, end, node.name)
         raise UsageError(f"tensor method .{node.target}() ({node.name}) has no integer-ONNX mapping; "
                          "export with --format qonnx")
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 def _output_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
@@ -543,7 +495,7 @@ def _output_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)):
+        if isinstance(rule_for(m), WeightRule):
             hooks.append(m.register_forward_hook(
                 lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(torch.as_tensor(out).shape))))
     try:

@@ -1,8 +1,9 @@
 """Physical channel removal: a dense, smaller model that computes exactly what the masked one did.
 
 Reads which channels are removable from the one dependency tracer (`rcdeploy.models.channels`), then
-replaces every conv, linear and BatchNorm with a sliced copy: a new Brevitas layer built from the same
-quantizer injectors, loaded with the sliced state dict. Per-output-channel weight scales are *sliced*,
+replaces every conv, linear and BatchNorm with a sliced copy made by its layer rule
+(`rcdeploy.models.layer_rules`): a new Brevitas layer built from the same quantizer injectors, loaded
+with the sliced state dict. Per-output-channel weight scales are *sliced*,
 never recomputed, and activation quantizers are untouched (per-tensor), so every quantizer keeps its
 scale and the smaller model's outputs equal the masked model's.
 """
@@ -14,13 +15,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-import brevitas.nn as qnn
 import torch
 from rich.table import Table
 from torch import nn
 
 from rcdeploy.errors import UsageError
 from rcdeploy.models.channels import ChannelGraph, ChannelGroup, trace_channels, unwrap
+from rcdeploy.models.layer_rules import LayerRule, rule_for
 from rcdeploy.quant.calibrate import init_weight_scales
 from rcdeploy.quant.spec import set_module
 
@@ -154,63 +155,14 @@ def zero_channels(model: nn.Module, masks: Mapping[str | int, torch.Tensor | Seq
     return graph
 
 
-def _injectors(layer: nn.Module) -> dict:
-    """The quantizer injectors a Brevitas layer was built with, to build a same-quantized sibling."""
-    return {k: getattr(layer, k).quant_injector for k in ("weight_quant", "bias_quant", "input_quant", "output_quant")}
-
-
-def _slice_state(layer: nn.Module, kind: str, keep_in: torch.Tensor, keep_out: torch.Tensor) -> dict:
-    out_before = layer.weight.shape[0]
-    state = {}
-    for key, t in layer.state_dict().items():
-        if key == "weight":
-            t = t[keep_out.to(t.device)]
-            if kind in ("conv", "linear"):
-                t = t[:, keep_in.to(t.device)]
-        elif key == "bias":
-            t = t[keep_out.to(t.device)]
-        elif key.startswith(("weight_quant.", "bias_quant.")) and t.dim() >= 1 and t.shape[0] == out_before \
-                and t.numel() > 1:
-            t = t[keep_out.to(t.device)]  # per-output-channel quantizer state: sliced, not recomputed
-        state[key] = t.clone()
-    return state
-
-
-def _rebuilt(layer: nn.Module, kind: str, keep_in: torch.Tensor, keep_out: torch.Tensor) -> nn.Module:
-    dd = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-    if kind == "bn":
-        new = nn.BatchNorm2d(len(keep_out), eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-                             track_running_stats=layer.track_running_stats, **dd)
-        state = {k: (t[keep_out.to(t.device)] if t.dim() >= 1 else t).clone() for k, t in layer.state_dict().items()}
-    else:
-        if kind == "linear":
-            new = qnn.QuantLinear(len(keep_in), len(keep_out), bias=layer.bias is not None,
-                                  return_quant_tensor=layer.return_quant_tensor, **_injectors(layer), **dd)
-        else:
-            n_in = len(keep_out) if kind == "depthwise" else len(keep_in)
-            new = qnn.QuantConv2d(n_in, len(keep_out), layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                                  dilation=layer.dilation, groups=len(keep_out) if kind == "depthwise" else 1,
-                                  bias=layer.bias is not None, padding_mode=layer.padding_mode,
-                                  return_quant_tensor=layer.return_quant_tensor, **_injectors(layer), **dd)
-        state = _slice_state(layer, kind, keep_in, keep_out)
-    new.load_state_dict(state, strict=True)  # strict: any unsliced per-channel state fails loudly here
-    old_grad = {n: p.requires_grad for n, p in layer.named_parameters()}
-    for n, p in new.named_parameters():
-        p.requires_grad_(old_grad.get(n, True))
-    return new.train(layer.training)
+def _rule(layer: nn.Module) -> LayerRule:
+    rule = rule_for(layer)
+    assert rule is not None and rule.indexed, type(layer)  # graph.layers holds only traced indexed layers
+    return rule
 
 
 def _layer_params(layer: nn.Module) -> int:
     return sum(t.numel() for t in (layer.weight, layer.bias) if t is not None)
-
-
-def _layer_macs(layer: nn.Module, out_hw: tuple[int, int] | None) -> int | None:
-    if isinstance(layer, qnn.QuantLinear):
-        return layer.in_features * layer.out_features
-    if isinstance(layer, qnn.QuantConv2d) and out_hw is not None:
-        kh, kw = layer.kernel_size
-        return out_hw[0] * out_hw[1] * layer.out_channels * (layer.in_channels // layer.groups) * kh * kw
-    return None
 
 
 @torch.no_grad()
@@ -220,7 +172,7 @@ def _output_sizes(model: nn.Module, names: list[str], input_shape: Sequence[int]
     hooks = []
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, qnn.QuantConv2d):
+        if _rule(layer).macs_need_out_hw:
             def hook(_m, _i, out, name=name):
                 sizes[name] = tuple(out.shape[-2:])
             hooks.append(layer.register_forward_hook(hook))
@@ -260,26 +212,18 @@ def shrink_model(model: nn.Module, *, channel_multiple: int = 1,
         layer = src.get_submodule(name)
         keep_out = keeps[lc.out_group]
         keep_in = keeps[lc.in_group] if lc.in_group is not None else keep_out
-        new = _rebuilt(layer, lc.kind, keep_in, keep_out)
+        new = _rule(layer).slice(layer, keep_in, keep_out)
         set_module(src, name, new)
-        report.layers.append(LayerShrink(
-            name=name, kind=lc.kind,
-            in_before=_in_width(layer), in_after=_in_width(new),
-            out_before=_out_width(layer), out_after=_out_width(new),
-            params_before=_layer_params(layer), params_after=_layer_params(new),
-            macs_before=_layer_macs(layer, sizes.get(name)) if input_shape is not None else None,
-            macs_after=_layer_macs(new, sizes.get(name)) if input_shape is not None else None))
+        report.layers.append(_layer_report(name, lc.kind, layer, new, sizes.get(name), input_shape is not None))
     report.all_params_after = sum(p.numel() for p in src.parameters())
     return src, report
 
 
-def _in_width(layer: nn.Module) -> int:
-    if isinstance(layer, nn.BatchNorm2d):
-        return layer.num_features
-    return layer.in_features if isinstance(layer, qnn.QuantLinear) else layer.in_channels
-
-
-def _out_width(layer: nn.Module) -> int:
-    if isinstance(layer, nn.BatchNorm2d):
-        return layer.num_features
-    return layer.out_features if isinstance(layer, qnn.QuantLinear) else layer.out_channels
+def _layer_report(name: str, kind: str, before: nn.Module, after: nn.Module, out_hw: tuple[int, int] | None,
+                  with_macs: bool) -> LayerShrink:
+    rule = _rule(before)
+    (in_before, out_before), (in_after, out_after) = rule.widths(before), rule.widths(after)
+    return LayerShrink(name=name, kind=kind, in_before=in_before, in_after=in_after, out_before=out_before,
+                       out_after=out_after, params_before=_layer_params(before), params_after=_layer_params(after),
+                       macs_before=rule.macs(before, out_hw) if with_macs else None,
+                       macs_after=rule.macs(after, out_hw) if with_macs else None)

@@ -1,20 +1,19 @@
-"""The sidecar `model.json`: everything `bench` (or an app) needs to know about an exported model.
+"""Builds the model card (`model.json`, `rcdeploy.artifacts.ModelCard`) from a checkpoint and what export measured.
 
 `dataset` is the checkpoint's `DatasetMeta.to_dict()` verbatim, so `DatasetMeta.from_dict` reads it back.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
+from rcdeploy.artifacts._json import jsonable
+from rcdeploy.artifacts.checkpoint import Checkpoint
+from rcdeploy.artifacts.model_card import FORMAT, VERSION, ModelCard
 from rcdeploy.export.qdq import INPUT_NAME, OUTPUT_NAME
 
-FORMAT = "rcdeploy-model-card"
-VERSION = 1
+__all__ = ["FORMAT", "VERSION", "build_card", "jsonable", "training_summary", "versions"]
 
 
 def versions() -> dict[str, str | None]:
@@ -32,33 +31,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types (tuples -> lists, numpy/torch scalars -> numbers, NaN -> None, other -> str)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            return jsonable(obj.item())
-        except (TypeError, ValueError):
-            pass
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return jsonable(obj.to_dict())
-    return str(obj)
-
-
-def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
+def training_summary(ckpt: Checkpoint) -> dict[str, Any]:
     """What training did to the model (attack, eps, bits, sparsity), from the checkpoint's config."""
-    cfg = dict(ckpt.get("config") or {})
-    eps = ckpt.get("eps", cfg.get("eps"))
+    cfg = dict(ckpt.config)
     return jsonable({
         "adv": cfg.get("adv"),
-        "eps": eps,
+        "eps": ckpt.training_eps,
         "attack_steps": cfg.get("steps"),
         "step_size": cfg.get("step_size"),
         "weight_bits": cfg.get("bits"),
@@ -72,32 +50,20 @@ def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
     })
 
 
-def build_card(*, ckpt: dict[str, Any], model_spec: dict[str, Any], export: dict[str, Any]) -> dict[str, Any]:
-    """The sidecar dict. `export` holds what the export measured (layers, files, verification, ...)."""
-    meta = dict(ckpt.get("dataset") or {})
+def build_card(ckpt: Checkpoint, export: dict[str, Any]) -> ModelCard:
+    """The model card. `export` holds what the export measured (layers, files, verification, ...)."""
+    meta = dict(ckpt.dataset)
     shape = list(meta.get("shape", []))
-    card = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": model_spec,
-        "dataset": meta,
-        "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32",
-                  "layout": "NCHW", "range": [0.0, 1.0],
-                  "normalization": "inside the model (mean/std below are applied by the graph)",
-                  "mean": meta.get("mean"), "std": meta.get("std")},
-        "output": {"name": OUTPUT_NAME, "kind": "logits",
-                   "classes": meta.get("classes")},
-        "training": training_summary(ckpt),
-        "training_metrics": {"last": ckpt.get("metrics") or {}, "best": ckpt.get("best")},
+    return ModelCard(
+        model=ckpt.model,
+        dataset=meta,
+        input={"name": INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32",
+               "layout": "NCHW", "range": [0.0, 1.0],
+               "normalization": "inside the model (mean/std below are applied by the graph)",
+               "mean": meta.get("mean"), "std": meta.get("std")},
+        output={"name": OUTPUT_NAME, "kind": "logits", "classes": meta.get("classes")},
+        training=training_summary(ckpt),
+        training_metrics={"last": ckpt.metrics or {}, "best": ckpt.best},
         **export,
-        "versions": versions(),
-    }
-    return jsonable(card)
-
-
-def card_text(card: dict[str, Any]) -> str:
-    return json.dumps(card, indent=2, sort_keys=False) + "\n"
-
-
-def read_card(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+        versions=versions(),
+    )

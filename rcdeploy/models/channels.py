@@ -25,7 +25,8 @@ would be pruned as a plain Conv2d (weight and bias sliced) while the per-output-
 weight quantizer is a parameter it does not know to slice; it also traces through autograd, where the
 quantizers' own ops appear. Making it reliable would take custom pruners for every Brevitas layer plus a
 new dependency; an fx pass over our fixed set of leaf layers is short, and it refuses anything unknown
-(naming the node) instead of mis-pruning it.
+(naming the node) instead of mis-pruning it. What each layer type does to channels is its rule in
+`rcdeploy.models.layer_rules`, the same rule shrink slices with and the integer export writes with.
 """
 
 from __future__ import annotations
@@ -34,21 +35,17 @@ import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import brevitas.nn as qnn
 import torch
 import torch.nn.functional as F
 from brevitas.inject.enum import QuantType
 from torch import fx, nn
 
 from rcdeploy.errors import UsageError
-from rcdeploy.models.common import Normalize
+from rcdeploy.models.layer_rules import ChannelFlow, LayerRule, rule_for
 from rcdeploy.models.trace import trace
 
-WEIGHT_TYPES = (qnn.QuantConv2d, qnn.QuantLinear)
-ACT_QUANT_TYPES = (qnn.QuantReLU, qnn.QuantIdentity)
-# Per-channel ops that map 0 to 0 and need no slicing: they pass a channel space through unchanged.
-PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d)
-GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# Functions and tensor methods that map 0 to 0 per channel: they pass a channel space through.
+# (Modules are handled by their rule in `rcdeploy.models.layer_rules`.)
 PASS_FUNCTIONS = (torch.relu, F.relu, torch.nn.functional.relu6, F.max_pool2d, F.avg_pool2d)
 PASS_METHODS = ("relu", "contiguous")
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -229,13 +226,6 @@ class _UnionFind:
         self.fixed[r] = self.fixed[r] or reason
 
 
-@dataclass
-class _Val:
-    space: int
-    gap: bool = False  # spatial extent is 1x1 (after a global pool): flatten keeps channel indices
-    flat: bool = False  # a [N, C] tensor (after flatten or a linear layer): what a linear layer may read
-
-
 def _unsupported(node: fx.Node, why: str) -> ChannelTraceError:
     return ChannelTraceError(f"channel tracing: node {node.name!r} ({node.op} {_target_name(node)}): {why}; "
                              "channel removal supports Brevitas conv/linear, BatchNorm2d, quant activations, "
@@ -247,171 +237,185 @@ def _target_name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
 
 
-def trace_channels(model: nn.Module) -> ChannelGraph:
-    """Trace `model` with torch.fx and return its channel groups and each layer's group membership."""
-    gm = trace(model)
-    uf = _UnionFind()
-    vals: dict[fx.Node, _Val] = {}
-    called: set[str] = set()
-    # per layer: (kind, in space, out space); producers: (name, space, depthwise); BNs: (name, space, producer)
-    layer_spaces: dict[str, tuple[str, int | None, int | None]] = {}
-    producers: list[tuple[str, int, bool]] = []
-    bns: list[tuple[str, int, str | None]] = []
+def _is_call(node: fx.Node, functions: tuple, methods: tuple[str, ...]) -> bool:
+    return (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target in methods)
 
-    def val(node: fx.Node, arg: object) -> _Val:
-        if not isinstance(arg, fx.Node) or arg not in vals:
+
+class _Tracer:
+    """One walk over the fx graph: a channel space per feature map, merged by adds (union-find); modules
+    are handled by their layer rule (`rcdeploy.models.layer_rules`), the few functions here."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.uf = _UnionFind()
+        self.flows: dict[fx.Node, ChannelFlow] = {}
+        self.called: set[str] = set()
+        # per layer: (kind, in space, out space); producers: (name, space, depthwise); BNs: (name, space, producer)
+        self.layer_spaces: dict[str, tuple[str, int, int]] = {}
+        self.producers: list[tuple[str, int, bool]] = []
+        self.bns: list[tuple[str, int, str | None]] = []
+
+    def walk(self) -> None:
+        handlers = {"placeholder": self.placeholder, "output": self.output, "call_module": self.module,
+                    "call_function": self.function, "call_method": self.function, "get_attr": self.get_attr}
+        for node in self.gm.graph.nodes:
+            handler = handlers.get(node.op)
+            if handler is None:  # pragma: no cover - fx has no other node kinds
+                raise _unsupported(node, "unknown node kind")
+            handler(node)
+
+    # -- what a layer rule may do (the `ChannelTrace` protocol) ---------------------------------------
+    def refuse(self, node: fx.Node, why: str) -> ChannelTraceError:
+        return _unsupported(node, why)
+
+    def check_size(self, node: fx.Node, space: int, expected: int) -> None:
+        root = self.uf.find(space)
+        if self.uf.size[root] < 0:  # the network input: its channel count is whatever the first layer reads
+            self.uf.size[root] = expected
+        elif self.uf.size[root] != expected:
+            raise _unsupported(node, f"expects {expected} channels, its input has {self.uf.size[root]}")
+
+    def new_space(self, size: int) -> int:
+        return self.uf.new(size)
+
+    def fix(self, space: int, reason: str) -> None:
+        self.uf.fix(space, reason)
+
+    def module_of(self, node: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def add_layer(self, name: str, kind: str, in_space: int, out_space: int) -> None:
+        self.layer_spaces[name] = (kind, in_space, out_space)
+
+    def add_producer(self, name: str, space: int, depthwise: bool) -> None:
+        self.producers.append((name, space, depthwise))
+
+    def add_bn(self, name: str, space: int, owner: str | None) -> None:
+        self.bns.append((name, space, owner))
+
+    # -- node kinds ------------------------------------------------------------------------------------
+    def flow(self, node: fx.Node, arg: object) -> ChannelFlow:
+        if not isinstance(arg, fx.Node) or arg not in self.flows:
             raise _unsupported(node, f"input {arg!r} is not a traced feature map")
-        return vals[arg]
+        return self.flows[arg]
 
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if vals:
-                raise _unsupported(node, "models with more than one input are not supported")
-            vals[node] = _Val(uf.new(-1, fixed="network input"))
-        elif node.op == "output":
-            out = node.args[0]
-            if not isinstance(out, fx.Node):
-                raise _unsupported(node, "the model must return one tensor")
-            uf.fix(val(node, out).space, "network output")
-        elif node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            name = str(node.target)
-            if len(node.args) != 1 or node.kwargs:
-                raise _unsupported(node, "expected a module called on one tensor")
-            x = val(node, node.args[0])
-            if isinstance(mod, WEIGHT_TYPES) or isinstance(mod, nn.BatchNorm2d):
-                if name in called:
-                    raise _unsupported(node, "a layer called more than once (shared weights)")
-                called.add(name)
-            if isinstance(mod, qnn.QuantConv2d):
-                _check_size(node, uf, x.space, mod.in_channels)
-                if mod.groups == 1:
-                    out = uf.new(mod.out_channels)
-                    layer_spaces[name] = ("conv", x.space, out)
-                    producers.append((name, out, False))
-                    vals[node] = _Val(out)
-                elif mod.groups == mod.in_channels == mod.out_channels:
-                    layer_spaces[name] = ("depthwise", x.space, x.space)
-                    producers.append((name, x.space, True))
-                    vals[node] = _Val(x.space)
-                else:
-                    raise _unsupported(node, f"grouped conv (groups={mod.groups}) is not supported")
-            elif isinstance(mod, qnn.QuantLinear):
-                if not x.flat:
-                    raise _unsupported(node, "linear layer on a feature map not flattened after global pooling")
-                _check_size(node, uf, x.space, mod.in_features)
-                out = uf.new(mod.out_features)
-                layer_spaces[name] = ("linear", x.space, out)
-                producers.append((name, out, False))
-                vals[node] = _Val(out, flat=True)
-            elif isinstance(mod, nn.BatchNorm2d):
-                _check_size(node, uf, x.space, mod.num_features)
-                src = node.args[0]
-                owner = None
-                if (src.op == "call_module" and isinstance(gm.get_submodule(src.target), qnn.QuantConv2d)
-                        and len(src.users) == 1):
-                    owner = str(src.target)
-                layer_spaces[name] = ("bn", x.space, x.space)
-                bns.append((name, x.space, owner))
-                vals[node] = _Val(x.space, x.gap, x.flat)
-            elif isinstance(mod, ACT_QUANT_TYPES):
-                for pname, t in list(mod.named_parameters()) + list(mod.named_buffers()):
-                    if t.numel() > 1:
-                        raise _unsupported(node, f"activation quantizer with a per-channel state ({pname})")
-                vals[node] = _Val(x.space, x.gap, x.flat)
-            elif isinstance(mod, Normalize):
-                uf.fix(x.space, "network input")
-                vals[node] = _Val(x.space, x.gap, x.flat)
-            elif isinstance(mod, GLOBAL_POOLS):
-                size = mod.output_size
-                gap = size == 1 if isinstance(size, int) else tuple(size) == (1, 1)
-                vals[node] = _Val(x.space, gap or x.gap)
-            elif isinstance(mod, nn.Flatten):
-                if mod.start_dim != 1 or not x.gap:
-                    raise _unsupported(node, "flatten is supported only from dim 1 after global pooling")
-                vals[node] = _Val(x.space, True, True)
-            elif isinstance(mod, PASS_MODULES):
-                vals[node] = _Val(x.space, x.gap, x.flat)
-            else:
-                raise _unsupported(node, f"unknown module type {type(mod).__name__}")
-        elif node.op in ("call_function", "call_method"):
-            target = node.target
-            if (node.op == "call_function" and target in ADD_FUNCTIONS) or (
-                    node.op == "call_method" and target == "add"):
-                args = list(node.args) + list(node.kwargs.values())
-                if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
-                    raise _unsupported(node, "only adds of two feature maps keep zero channels zero")
-                a, b = val(node, args[0]), val(node, args[1])
-                sa, sb = uf.size[uf.find(a.space)], uf.size[uf.find(b.space)]
-                if sa != sb:
-                    raise _unsupported(node, f"add of {sa} and {sb} channels (broadcasting)")
-                if a.flat != b.flat:
-                    raise _unsupported(node, "add of a flat and a spatial tensor")
-                vals[node] = _Val(uf.union(a.space, b.space), a.gap and b.gap, a.flat)
-            elif (node.op == "call_function" and target is torch.flatten) or (
-                    node.op == "call_method" and target == "flatten"):
-                x = val(node, node.args[0])
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                if start != 1 or end != -1 or not x.gap:
-                    raise _unsupported(node, "flatten is supported only as flatten(x, 1) after global pooling")
-                vals[node] = _Val(x.space, True, True)
-            elif (node.op == "call_function" and target in PASS_FUNCTIONS) or (
-                    node.op == "call_method" and target in PASS_METHODS):
-                x = val(node, node.args[0])
-                if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
-                    raise _unsupported(node, "a second feature-map input")
-                vals[node] = _Val(x.space, x.gap, x.flat)
-            else:
-                raise _unsupported(node, "an op that may mix or rescale channels")
-        elif node.op == "get_attr":
-            raise _unsupported(node, "a tensor attribute used in the forward pass")
-        else:  # pragma: no cover - fx has no other node kinds
-            raise _unsupported(node, "unknown node kind")
+    def placeholder(self, node: fx.Node) -> None:
+        if self.flows:
+            raise _unsupported(node, "models with more than one input are not supported")
+        self.flows[node] = ChannelFlow(self.uf.new(-1, fixed="network input"))
 
-    # Number the merged spaces in graph order (placeholder first) and build the groups.
-    order: dict[int, int] = {}
-    groups: list[ChannelGroup] = []
+    def output(self, node: fx.Node) -> None:
+        out = node.args[0]
+        if not isinstance(out, fx.Node):
+            raise _unsupported(node, "the model must return one tensor")
+        self.uf.fix(self.flow(node, out).space, "network output")
 
-    def group_index(space: int | None) -> int | None:
-        if space is None:
-            return None
-        root = uf.find(space)
-        if root not in order:
-            order[root] = len(groups)
-            fixed = uf.fixed[root]
-            groups.append(ChannelGroup(index=len(groups), size=uf.size[root], prunable=not fixed, reason=fixed))
-        return order[root]
+    def get_attr(self, node: fx.Node) -> None:
+        raise _unsupported(node, "a tensor attribute used in the forward pass")
 
-    outputs = {str(n.target): group_index(v.space) for n, v in vals.items() if n.op == "call_module"}
-    layers: dict[str, LayerChannels] = {}
-    for name, (kind, sin, sout) in layer_spaces.items():
-        layers[name] = LayerChannels(kind, group_index(sin), group_index(sout))
-    owned = {owner: name for name, _, owner in bns if owner is not None}
-    for name, space, dw in producers:
-        groups[group_index(space)].producers.append(Producer(name, owned.get(name), dw))
-    for name, space, _ in bns:
-        groups[group_index(space)].bns.append(name)
-    for name, (kind, sin, _) in layer_spaces.items():
-        if kind in ("conv", "linear"):
-            groups[group_index(sin)].consumers.append(name)
-    # The input space has size -1 until now (the image channel count is only known from its consumers).
+    def module(self, node: fx.Node) -> None:
+        mod = self.gm.get_submodule(node.target)
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(node, "expected a module called on one tensor")
+        x = self.flow(node, node.args[0])
+        rule = rule_for(mod) or LayerRule()  # the base rule refuses, naming the type
+        if rule.indexed:
+            if str(node.target) in self.called:
+                raise _unsupported(node, "a layer called more than once (shared weights)")
+            self.called.add(str(node.target))
+        self.flows[node] = rule.channels(self, node, mod, x)
+
+    def function(self, node: fx.Node) -> None:
+        if _is_call(node, ADD_FUNCTIONS, ("add",)):
+            self.flows[node] = self.add(node)
+        elif _is_call(node, (torch.flatten,), ("flatten",)):
+            self.flows[node] = self.flatten(node)
+        elif _is_call(node, PASS_FUNCTIONS, PASS_METHODS):
+            x = self.flow(node, node.args[0])
+            if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+                raise _unsupported(node, "a second feature-map input")
+            self.flows[node] = x
+        else:
+            raise _unsupported(node, "an op that may mix or rescale channels")
+
+    def add(self, node: fx.Node) -> ChannelFlow:
+        """A residual add: both inputs carry the same channels, so their spaces merge."""
+        args = list(node.args) + list(node.kwargs.values())
+        if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
+            raise _unsupported(node, "only adds of two feature maps keep zero channels zero")
+        a, b = self.flow(node, args[0]), self.flow(node, args[1])
+        sa, sb = self.uf.size[self.uf.find(a.space)], self.uf.size[self.uf.find(b.space)]
+        if sa != sb:
+            raise _unsupported(node, f"add of {sa} and {sb} channels (broadcasting)")
+        if a.flat != b.flat:
+            raise _unsupported(node, "add of a flat and a spatial tensor")
+        return ChannelFlow(self.uf.union(a.space, b.space), a.gap and b.gap, a.flat)
+
+    def flatten(self, node: fx.Node) -> ChannelFlow:
+        x = self.flow(node, node.args[0])
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        if start != 1 or end != -1 or not x.gap:
+            raise _unsupported(node, "flatten is supported only as flatten(x, 1) after global pooling")
+        return ChannelFlow(x.space, True, True)
+
+    # -- the result ------------------------------------------------------------------------------------
+    def graph(self, model: nn.Module) -> ChannelGraph:
+        """Number the merged spaces in graph order (placeholder first) and build the groups."""
+        numbering = _GroupNumbering(self.uf)
+        outputs = {str(n.target): numbering.index(f.space) for n, f in self.flows.items() if n.op == "call_module"}
+        layers = {name: LayerChannels(kind, numbering.index(sin), numbering.index(sout))
+                  for name, (kind, sin, sout) in self.layer_spaces.items()}
+        groups = numbering.groups
+        owned = {owner: name for name, _, owner in self.bns if owner is not None}
+        for name, space, dw in self.producers:
+            groups[numbering.index(space)].producers.append(Producer(name, owned.get(name), dw))
+        for name, space, _ in self.bns:
+            groups[numbering.index(space)].bns.append(name)
+        for name, (kind, sin, _) in self.layer_spaces.items():
+            if kind in ("conv", "linear"):
+                groups[numbering.index(sin)].consumers.append(name)
+        _size_input_groups(model, groups)
+        return ChannelGraph(groups, layers, outputs)
+
+
+class _GroupNumbering:
+    """Channel groups numbered by first sight of their merged space."""
+
+    def __init__(self, uf: _UnionFind) -> None:
+        self.uf = uf
+        self.order: dict[int, int] = {}
+        self.groups: list[ChannelGroup] = []
+
+    def index(self, space: int) -> int:
+        root = self.uf.find(space)
+        if root not in self.order:
+            self.order[root] = len(self.groups)
+            fixed = self.uf.fixed[root]
+            self.groups.append(ChannelGroup(index=len(self.groups), size=self.uf.size[root], prunable=not fixed,
+                                            reason=fixed))
+        return self.order[root]
+
+
+def _size_input_groups(model: nn.Module, groups: list[ChannelGroup]) -> None:
+    """The input space has size -1 until now (the image channel count is only known from its consumers)."""
     for g in groups:
         if g.size < 0:
             g.size = next((_in_size(model.get_submodule(c)) for c in g.consumers), 0)
-    return ChannelGraph(groups, layers, outputs)
 
 
 def _in_size(layer: nn.Module) -> int:
-    return layer.in_channels if isinstance(layer, qnn.QuantConv2d) else layer.in_features
+    rule = rule_for(layer)
+    assert rule is not None  # a consumer was traced through its rule
+    return rule.widths(layer)[0]
 
 
-def _check_size(node: fx.Node, uf: _UnionFind, space: int, expected: int) -> None:
-    root = uf.find(space)
-    if uf.size[root] < 0:  # the network input: its channel count is whatever the first layer reads
-        uf.size[root] = expected
-    elif uf.size[root] != expected:
-        raise _unsupported(node, f"expects {expected} channels, its input has {uf.size[root]}")
+def trace_channels(model: nn.Module) -> ChannelGraph:
+    """Trace `model` with torch.fx and return its channel groups and each layer's group membership."""
+    tracer = _Tracer(trace(model))
+    tracer.walk()
+    return tracer.graph(model)
 
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
