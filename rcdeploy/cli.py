@@ -1,6 +1,8 @@
 """`rcdeploy` command line: each command parses its options, then calls one library function.
 
-Heavy imports (torch, brevitas, onnxruntime) happen inside commands so `--help` stays instant.
+Heavy imports (torch, brevitas, onnxruntime) happen inside commands so `--help` stays instant; the
+choices and the names in help texts come from the registries declared in `rcdeploy.names`, which
+imports no implementation.
 Bad input anywhere is one `error:` line on stderr and exit code 2; a failed export verification
 exits 1; an interrupted training run saves and exits 130.
 """
@@ -15,7 +17,9 @@ from typing import Any
 
 import click
 
+from rcdeploy import names as N
 from rcdeploy.errors import UsageError, VerificationError
+from rcdeploy.registry import Registry
 
 MAX_SEED = 2**32 - 1
 INTERNAL_ERROR_EXIT = 3  # a bug in rcdeploy, not bad input: still one line, the traceback only on request
@@ -43,6 +47,12 @@ class FiniteFloat(click.ParamType):
         if not math.isfinite(v) or not self.low < v <= self.high:
             self.fail(f"{value!r} must be a finite number in ({self.low:g}, {self.high:g}]", param, ctx)
         return v
+
+
+def _described(registry: Registry[Any]) -> str:
+    """'cpu (all cores, batched) or mobile (1 thread, batch 1)': names with their declared help words."""
+    return N.listing([f"{n} ({registry.declaration(n).help})" if registry.declaration(n).help else n
+                      for n in registry.names()])
 
 
 def _console(stderr: bool = True):
@@ -155,12 +165,12 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 @_opt("--act-bits", help="Activation bits (8 keeps int8 kernels at export).")
 @_opt("--first-last-bits", help="Weight bits of the first and last layers (7 keeps every layer "
       "on u8 x s8 kernels at export, which OpenVINO runs as int8 too).")
-@_opt("--adv", help="Adversarial objective: none, fgsm-rs, pgd, trades.")
+@_opt("--adv", help=f"Adversarial objective: {', '.join(N.OBJECTIVES.names())}.")
 @_opt("--eps", help="L-inf budget in image units, e.g. 8/255 (none: the dataset's literature value).")
 @_opt("--steps", type=click.IntRange(1, 10_000), help="Attack steps during training (pgd, trades).")
 @_opt("--step-size", help="Attack step size, e.g. 2/255 (none: 2.5*eps/steps).")
 @_opt("--beta", type=float, help="TRADES trade-off weight.")
-@_opt("--quant", "quant_method", setting="quant_method", help="Weight quantization training: qat or binary-relax.")
+@_opt("--quant", "quant_method", setting="quant_method", help=f"Weight quantization training: {N.listing(N.QUANT_METHODS.names())}.")
 @_opt("--br-lambda", type=float, help="Binary-Relax: initial lambda of (w + lambda Q(w)) / (1 + lambda).")
 @_opt("--br-growth", type=float, help="Binary-Relax: lambda multiplier per epoch.")
 @_opt("--eot", type=click.IntRange(1, 10_000), help="Noise draws per evaluation for stochastic models (EnResNet).")
@@ -170,13 +180,15 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 @_opt("--batch-size", type=click.IntRange(1, 1 << 20), help="Images per training batch.")
 @_opt("--train-samples", type=click.IntRange(1), help="Train on a seeded subset of this many images (short runs).")
 @_opt("--lr", type=float, help="Peak learning rate.")
-@_opt("--schedule", help="cosine, piecewise or constant.")
-@_opt("--optimizer", help="sgd or adam.")
+@_opt("--schedule", help=f"{N.listing(N.SCHEDULES.names())}.")
+@_opt("--optimizer", help=f"{N.listing(N.OPTIMIZERS.names())}.")
 @_opt("--prune-channels", type=float, help="Target share of prunable channels to remove, e.g. 0.5.")
-@_opt("--sparsity", help="Sparsity method: group-lasso, rgsm, slimming (channels); rvsm, admm (weights).")
+@_opt("--sparsity", help=f"Sparsity method: {', '.join(N.SPARSITY.names(kind=N.CHANNELS))} (channels); "
+      f"{', '.join(N.SPARSITY.names(kind=N.WEIGHTS))} (weights).")
 @_opt("--sparsity-param", "sparsity_params", setting="sparsity_params", multiple=True, metavar="KEY=VALUE",
       help="Sparsity method setting, repeatable, e.g. --sparsity-param lambda1=0.05 (rgsm).")
-@_opt("--prune-weights", type=float, help="rvsm/admm: target share of weights zeroed, e.g. 0.8.")
+@_opt("--prune-weights", type=float, help=f"{'/'.join(N.SPARSITY.names(kind=N.WEIGHTS))}: target share of weights "
+      "zeroed, e.g. 0.8.")
 @_opt("--channel-multiple", type=click.IntRange(1, 4096), help="Round kept channel counts up to a multiple.")
 @_opt("--seed", type=click.IntRange(0, MAX_SEED), help="Random seed (weights, batches, attacks).")
 @_opt("--device", help="auto, cpu or cuda.")
@@ -236,12 +248,13 @@ Examples:
 @click.option("--prune-channels", is_flag=True, show_default="off",
               help="Physically remove the channels training zeroed.")
 @click.option("--format", "formats", default="qdq", show_default=True,
-              help="Comma list of qdq, qonnx, ort, or all.")
-@click.option("--storage", type=click.Choice(["packed", "int8"]), show_default="packed for onnxruntime, int8 for "
+              help=f"Comma list of {', '.join(N.EXPORT_FORMATS.names())}, or all.")
+@click.option("--storage", type=click.Choice(N.STORAGES.names()), show_default="packed for onnxruntime, int8 for "
               "openvino", help="Sub-8-bit weights stored packed as INT4 (half the bytes; onnxruntime still runs "
               "int8 kernels) or as plain int8.")
 @click.option("--runtime", default="onnxruntime", show_default=True,
-              help="Runtime the file is for: onnxruntime or openvino (int8 storage, also verified in OpenVINO).")
+              help=f"Runtime the file is for: {N.listing(N.RUNTIMES.names())} (int8 storage, also verified in "
+              "OpenVINO).")
 @click.option("-o", "--output", default="model.onnx", show_default=True,
               help="The integer model; model.json (and other formats) are written beside it.")
 @click.option("--data-dir", help="Dataset folder for verification images.", show_default="the training run's")
@@ -287,8 +300,8 @@ Examples:
               help="Random restarts (pgd, cw, square).")
 @click.option("--eot", type=click.IntRange(1, 10_000), default=1, show_default=True,
               help="Stochastic graphs: gradient draws per step and onnxruntime draws per accuracy.")
-@click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True,
-              help="Latency profile: cpu (all cores, batched) or mobile (1 thread, batch 1).")
+@click.option("--target", type=click.Choice(N.TARGETS.names()), default="cpu", show_default=True,
+              help=f"Latency profile: {_described(N.TARGETS)}.")
 @click.option("--batch-sizes", help="Latency batch sizes, e.g. 1,64.", show_default="1,64 on cpu; 1 on mobile")
 @click.option("--latency-seconds", type=FiniteFloat(0, 3600), default=1.0, show_default=True,
               help="Timed seconds per batch size, at least (more while medians are unstable).")
@@ -297,11 +310,12 @@ Examples:
               show_default="1 for tiny inputs, else the libraries' own")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the attacks' random starts and of the latency inputs.")
-@click.option("--isa", help="Integer kernels as computed on: exact (VNNI, AMX, ARM) or avx2 (x86 without VNNI: "
-              "u8 x s8 pair sums saturate at int16); another kind than this CPU's is emulated by the twin.",
+@click.option("--isa", help=f"Integer kernels as computed on: {_described(N.ISAS)}; another kind than this "
+              "CPU's is emulated by the twin.",
               show_default="this CPU's")
 @click.option("--runtime", default="onnxruntime", show_default=True,
-              help="Runtime that scores and times the file: onnxruntime or openvino (pip install 'rcdeploy[openvino]').")
+              help=f"Runtime that scores and times the file: {N.listing(N.RUNTIMES.names())} (pip install "
+              "'rcdeploy[openvino]').")
 @click.option("--json", "json_path", show_default="not written",
               help="Write the full report as JSON to FILE ('-' for stdout).")
 @click.option("--csv", "csv_path", show_default="not written", help="Append one summary row to FILE (a new file, or one an earlier "
@@ -365,7 +379,7 @@ Examples:
   rcdeploy inspect model.onnx --json inspect.json
 """)
 @click.argument("model", type=click.Path())
-@click.option("--target", type=click.Choice(["cpu", "mobile"]), default="cpu", show_default=True,
+@click.option("--target", type=click.Choice(N.TARGETS.names()), default="cpu", show_default=True,
               help="Session profile whose optimized graph is inspected.")
 @click.option("--json", "json_path", show_default="not written", help="Write the report as JSON ('-' for stdout).")
 def inspect(model: str, target: str, json_path: str | None) -> None:
@@ -384,9 +398,19 @@ def inspect(model: str, target: str, json_path: str | None) -> None:
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM before the training loop installs its own handler (imports, data loading) is an
     interrupt like Ctrl-C: exit 130, as documented, instead of the default 143."""
+    import os
     import signal
+    import threading
 
     def handler(signum: int, frame: Any) -> None:
+        if _inside_import(frame):
+            # An exception thrown into an import leaves half-initialized modules behind (seen: torch's
+            # sympy without `.core`, then an internal error instead of exit 130): the interrupt waits
+            # for the import to finish, by sending the signal again 20 ms later.
+            timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+            return
         raise KeyboardInterrupt
 
     try:
@@ -398,6 +422,15 @@ def _sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _inside_import(frame: Any) -> bool:
+    """Whether the interrupted code runs inside the import system (any frame of importlib's bootstrap)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _quiet_warnings() -> None:

@@ -12,6 +12,7 @@ import yaml
 
 from rcdeploy import validate as V
 from rcdeploy.errors import UsageError
+from rcdeploy.names import OBJECTIVES, OPTIMIZERS, QUANT_METHODS, SCHEDULES
 from rcdeploy.units import parse_fraction
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -36,13 +37,13 @@ class TrainConfig:
     first_last_bits: int | str | None = 8  # 7: every exported layer runs u8 x s8 kernels (see README, Export)
     bit_overrides: dict[str, int | str] = field(default_factory=dict)  # fnmatch layer pattern -> bits
     model_args: dict[str, Any] = field(default_factory=dict)  # extra model settings, e.g. {noise: 0.1} (EnResNet)
-    quant_method: str = "qat"            # qat | binary-relax (relaxed weights, then exact Q(w); see quant/binary_relax)
+    quant_method: str = "qat"            # rcdeploy.names.QUANT_METHODS: qat | binary-relax (see quant/binary_relax)
     br_lambda: float = 1.0               # binary-relax: initial lambda in w_r = (w + lambda Q(w)) / (1 + lambda)
     br_growth: float = 1.05              # binary-relax: lambda *= growth after every epoch
     br_exact_fraction: float = 0.2       # binary-relax: last share of epochs on exact Q(w) (at least one epoch)
     br_exact_lr: float = 0.1             # binary-relax: learning-rate factor in the exact phase
     # adversarial objective
-    adv: str = "pgd"                     # none | fgsm-rs | pgd | trades
+    adv: str = "pgd"                     # rcdeploy.names.OBJECTIVES: none | fgsm-rs | pgd | trades
     eps: float | str | None = None       # L-inf, image units in [0, 1]; None: the dataset's literature default
     steps: int = 5                       # attack steps for pgd / trades during training
     step_size: float | str | None = None  # None: 2.5 * eps / steps (Madry et al.)
@@ -51,12 +52,12 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 128
     train_samples: int | None = None     # cap on training images (a seeded subset), for short runs
-    optimizer: str = "sgd"               # sgd | adam
+    optimizer: str = "sgd"               # rcdeploy.names.OPTIMIZERS: sgd | adam
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"             # cosine | piecewise | constant
+    schedule: str = "cosine"             # rcdeploy.names.SCHEDULES: cosine | piecewise | constant
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # piecewise: fractions of training
     gamma: float = 0.1                   # piecewise lr factor per milestone
     warmup_epochs: float = 0.0
@@ -67,7 +68,8 @@ class TrainConfig:
                                          # gradients are averaged over them, accuracy is the mean over them
     # structured channel sparsity
     prune_channels: float = 0.0          # target share of prunable channels removed (0 = off)
-    sparsity: str = "group-lasso"        # group-lasso | rgsm | slimming (channels); rvsm | admm (weights)
+    sparsity: str = "group-lasso"        # rcdeploy.names.SPARSITY: group-lasso | rgsm | slimming (channels);
+                                         # rvsm | admm (weights)
     prune_weights: float = 0.0           # rvsm | admm: target share of weights zeroed (admm needs it; rvsm reports it)
     sparsity_params: dict[str, Any] = field(default_factory=dict)
     channel_multiple: int = 1
@@ -92,14 +94,9 @@ class TrainConfig:
         self.step_size = parse_fraction(self.step_size, "step-size") if self.step_size is not None else None
         if self.step_size is not None and not 0 < self.step_size <= 1:
             raise UsageError(f"--step-size {self.step_size:g} is outside (0, 1]: it is in image units, e.g. 2/255")
-        if self.quant_method not in QUANT_METHODS:
-            raise UsageError(f"unknown quantization method {self.quant_method!r}; known: {', '.join(QUANT_METHODS)}")
-        if self.adv not in ADVERSARIES:
-            raise UsageError(f"unknown adversary {self.adv!r}; known: {', '.join(ADVERSARIES)}")
-        if self.schedule not in ("cosine", "piecewise", "constant"):
-            raise UsageError(f"unknown schedule {self.schedule!r}; known: cosine, piecewise, constant")
-        if self.optimizer not in ("sgd", "adam"):
-            raise UsageError(f"unknown optimizer {self.optimizer!r}; known: sgd, adam")
+        for registry, name in ((QUANT_METHODS, self.quant_method), (OBJECTIVES, self.adv), (SCHEDULES, self.schedule),
+                               (OPTIMIZERS, self.optimizer)):
+            registry.check(name)  # "unknown adversary 'x'; known: none, fgsm-rs, pgd, trades"; imports nothing
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UsageError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.name is not None and (self.name in (".", "..", "latest") or "/" in self.name or "\\" in self.name
@@ -109,8 +106,6 @@ class TrainConfig:
         return self
 
 
-ADVERSARIES = ("none", "fgsm-rs", "pgd", "trades")
-QUANT_METHODS = ("qat", "binary-relax")
 MERGED_SETTINGS = ("sparsity_params", "model_args")  # mappings that overrides extend rather than replace
 RESUME_SETTINGS = ("epochs", "device", "threads")  # what `--resume` may change; anything else would make
                                                    # the continued run a different run

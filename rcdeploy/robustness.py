@@ -9,7 +9,7 @@ scores is the caller's choice: bench scores on the deployed runtime, training on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,18 +49,27 @@ class WorstCase:
         return np.min(np.stack(self.scores), axis=0)
 
 
+def attack_batches(attack: Any, model: Model, x: torch.Tensor, y: torch.Tensor,
+                   batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(the batch's slice of x, its adversarial images), one batch at a time, each yielded before the next
+    is crafted: a caller that scores each batch as it comes (training validation) draws a stochastic
+    model's noise in the same order as attacking and scoring batch after batch."""
+    for i in range(0, len(x), batch):
+        part = slice(i, i + batch)
+        yield part, attack.attack(model, x[part], y[part])
+
+
 def craft(attack: Any, model: Model, x: torch.Tensor, y: torch.Tensor, batch: int,
           on_batch: Callable[[int], None] | None = None) -> Crafted:
     """Run `attack.attack(model, xb, yb)` over `x` in batches and check the result (eps ball, [0, 1])."""
     t = time.perf_counter()
     advs, queries = [], []
-    for i in range(0, len(x), batch):
-        xb, yb = x[i : i + batch], y[i : i + batch]
-        advs.append(attack.attack(model, xb, yb))
+    for _, x_adv in attack_batches(attack, model, x, y, batch):
+        advs.append(x_adv)
         if getattr(attack, "queries_used", None) is not None:
             queries.append(attack.queries_used.float())
         if on_batch is not None:
-            on_batch(len(xb))
+            on_batch(len(x_adv))
     x_adv = torch.cat(advs)
     elapsed = time.perf_counter() - t
     delta = (x_adv - x).abs().amax().item()

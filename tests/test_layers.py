@@ -5,8 +5,8 @@ a dependency) and mapped to rcdeploy's top-level parts. The rules:
 
 - export imports neither deploy nor train; deploy imports neither train nor models (it reads only the
   ONNX file and its model card);
-- a floor (runtime, artifacts, quant, models, attacks, data, errors, io, validate, registry, units,
-  robustness)
+- a floor (runtime, artifacts, quant, models, attacks, data, errors, io, validate, registry, names,
+  units, robustness)
   imports no stage (train, export, deploy) and not the training recipe (config);
 - nothing imports cli (the command line sits on top of the Python API, never under it).
 """
@@ -21,7 +21,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "rcdeploy"
 STAGES = {"train", "export", "deploy"}
 FLOORS = {"runtime", "artifacts", "quant", "models", "attacks", "data", "errors", "io", "validate", "registry",
-          "units", "robustness"}
+          "names", "units", "robustness"}
 FORBIDDEN = {
     "export": {"deploy", "train", "config"},
     "deploy": {"train", "models", "config"},

@@ -14,11 +14,12 @@ from torch import nn
 from rcdeploy.errors import UsageError
 from rcdeploy.export.shrink import shrink_model
 from rcdeploy.models import create_model
+from rcdeploy.names import CHANNELS
 from rcdeploy.quant.calibrate import calibrate_activations
 from rcdeploy.quant.spec import QuantSpec
 from rcdeploy.train.sparsity import SPARSITY, create_sparsity
 
-METHODS = ["group-lasso", "rgsm", "slimming"]
+METHODS = SPARSITY.names(kind=CHANNELS)  # every channel method (weight methods: tests/test_seed_methods.py)
 TARGET = 0.5
 EPOCHS = 10
 STEPS = 10  # per epoch
@@ -217,7 +218,7 @@ def test_mask_on_residual_groups_rounds_to_a_multiple_and_shrinks_exactly(digits
 def test_registry_and_bad_settings(digits):
     x, *_ = digits
     model = tiny_model(x)
-    assert {"group-lasso", "rgsm", "slimming"} <= set(SPARSITY.names())
+    assert set(METHODS) == {"group-lasso", "rgsm", "slimming"} and set(METHODS) < set(SPARSITY.names())
     with pytest.raises(UsageError, match="known: .*group-lasso.*rgsm.*slimming"):
         create_sparsity("lasso", model, target=TARGET)
     with pytest.raises(UsageError, match="no setting beta"):

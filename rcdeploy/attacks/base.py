@@ -160,7 +160,9 @@ class Attack:
                     best_loss = torch.where(better, loss, best_loss)
         return best.detach()
 
-    __call__ = attack
+    def __call__(self, model: Model, x: Tensor, y: Tensor) -> Tensor:
+        # Dispatch through `attack` so a subclass override (Square resets its query count) is the one called.
+        return self.attack(model, x, y)
 
     # -- helpers for subclasses ----------------------------------------------------------------
     def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,13 +22,14 @@ from rcdeploy.artifacts.model_card import ModelCard
 from rcdeploy.errors import UsageError, VerificationError
 from rcdeploy.export import sidecar
 from rcdeploy.io import atomic_write_files, check_writable
+from rcdeploy.names import EXPORT_FORMATS
 from rcdeploy.quant.presets import FLOAT, bits_name, parse_bits
 from rcdeploy.quant.spec import layer_bits, weight_layers
 from rcdeploy.runtime.cpu import cpu_kind
 from rcdeploy.runtime.ov_session import openvino_version
 from rcdeploy.runtime.session import check_runtime
 
-FORMATS = ("qdq", "qonnx", "ort")
+FORMATS = tuple(EXPORT_FORMATS.names())  # qdq, qonnx, ort: declared in rcdeploy.names
 QONNX_CHECK_IMAGES = 8  # qonnx's executor runs node by node (~0.5 s per ResNet-20 image)
 ORT_CHECK_IMAGES = 256
 

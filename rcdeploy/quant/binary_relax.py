@@ -25,6 +25,7 @@ from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
 from rcdeploy.errors import UsageError
+from rcdeploy.names import QUANT_METHODS
 from rcdeploy.quant.spec import weight_layers
 
 EXACT_LR = 0.1  # default learning-rate factor in the exact phase (the "small learning rate")
@@ -37,6 +38,7 @@ def relaxed(w: torch.Tensor, q: torch.Tensor, lam: float) -> torch.Tensor:
     return (w + lam * q) / (1.0 + lam)
 
 
+@QUANT_METHODS.register("binary-relax")
 class BinaryRelax:
     """Drives the relaxation of every quantized weight layer of a model, epoch by epoch.
 

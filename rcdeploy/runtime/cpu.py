@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcdeploy.errors import UsageError
+from rcdeploy.names import ISAS as ISA_NAMES
 
 __all__ = ["ISAS", "CpuKind", "cpu_kind", "resolve_isa"]
 
-ISAS = ("exact", "avx2")
+ISAS = tuple(ISA_NAMES.names())  # exact, avx2: declared in rcdeploy.names
 # Overrides what /proc/cpuinfo says, for emulators whose code runs on another CPU than the host's
 # /proc/cpuinfo describes (qemu-user passes the host's file through).
 ISA_ENV = "RCDEPLOY_ISA"

@@ -20,8 +20,12 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from rcdeploy.errors import UsageError
+from rcdeploy.names import RUNTIMES as RUNTIME_NAMES
+from rcdeploy.names import TARGETS as TARGET_NAMES
 
 __all__ = [
+    "CPU",
+    "MOBILE",
     "RUNTIMES",
     "TARGETS",
     "check_runtime",
@@ -58,27 +62,27 @@ class TargetProfile:
 
 # Both profiles run ORT_SEQUENTIAL: ORT_PARALLEL only overlaps independent graph branches, and a
 # classifier is a chain; what spreads a conv over cores is the intra-op thread pool.
-TARGETS: dict[str, TargetProfile] = {
-    "cpu": TargetProfile(
-        name="cpu",
-        threads=None,
-        execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
-        optimization=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        batch_size=32,
-        description="server/desktop CPU: intra-op threads = os.cpu_count(), batched, all graph optimizations",
-    ),
-    "mobile": TargetProfile(
-        name="mobile",
-        threads=1,
-        execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
-        optimization=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        batch_size=1,
-        description="one phone-class core: 1 thread, sequential execution, batch 1",
-    ),
-}
+CPU = TargetProfile(
+    name="cpu",
+    threads=None,
+    execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
+    optimization=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    batch_size=32,
+    description="server/desktop CPU: intra-op threads = os.cpu_count(), batched, all graph optimizations",
+)
+MOBILE = TargetProfile(
+    name="mobile",
+    threads=1,
+    execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
+    optimization=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    batch_size=1,
+    description="one phone-class core: 1 thread, sequential execution, batch 1",
+)
+# The profiles by name; the names are declared (with the CLI's help words) in rcdeploy.names.TARGETS.
+TARGETS: dict[str, TargetProfile] = {p.name: TARGET_NAMES.register(p.name)(p) for p in (CPU, MOBILE)}
 
-# Runtimes a deployed file can be scored and timed in (OpenVINO is an optional extra).
-RUNTIMES = ("onnxruntime", "openvino")
+# Runtimes a deployed file can be scored and timed in (OpenVINO is an optional extra): rcdeploy.names.RUNTIMES.
+RUNTIMES = tuple(RUNTIME_NAMES.names())
 
 # 4-bit element types and the 8-bit type that holds the same values.
 _WIDER = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}

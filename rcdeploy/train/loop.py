@@ -25,6 +25,7 @@ from rcdeploy.io import atomic_write_text
 from rcdeploy.quant.calibrate import calibrate_activations
 from rcdeploy.quant.presets import ACT_CALIBRATION_STEPS
 from rcdeploy.quant.spec import QuantSpec
+from rcdeploy.robustness import attack_batches
 from rcdeploy.train.checkpoint import (
     FORMAT,
     VERSION,
@@ -131,6 +132,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_name: st
 
     eot: for stochastic models, the attack averages its gradients over `eot` draws and both accuracies
     are the mean over `eot` forward passes (expectation over transformation).
+
+    The attack runs through `robustness.attack_batches`, bench's crafting loop; each batch is scored as it
+    comes, so the noise of a stochastic model is drawn in the order the figures were first made with.
+    Robust accuracy is accuracy under this one attack, not bench's worst case over clean and attacks.
     """
     was_training = model.training
     model.eval()
@@ -138,10 +143,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_name: st
         attack = parse_attack(attack_name, eps=eps, seed=seed, eot=eot)
         clean = _clean_correct(model, x, y, batch, eot)
         robust = 0.0
-        for i in range(0, len(x), batch):
-            xb, yb = x[i:i + batch], y[i:i + batch]
-            x_adv = attack(model, xb, yb)
-            robust += _correct(model, x_adv, yb, eot)
+        for part, x_adv in attack_batches(attack, model, x, y, batch):
+            robust += _correct(model, x_adv, y[part], eot)
     finally:
         model.train(was_training)
     n = max(1, len(x))
@@ -149,10 +152,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_name: st
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between batches and saves before leaving."""
+    """Set by SIGINT/SIGTERM; the loop checks it between batches and saves before leaving.
 
-    def __init__(self) -> None:
+    `stop_at=(epoch, batch)` stops exactly there, as a signal would (used by the resume tests).
+    """
+
+    def __init__(self, stop_at: tuple[int, int] | None = None) -> None:
         self.set = False
+        self.stop_at = None if stop_at is None else tuple(stop_at)
+
+    def due(self, epoch: int, batch: int) -> bool:
+        return self.set or (epoch, batch) == self.stop_at
 
     @contextmanager
     def installed(self):
@@ -290,158 +300,257 @@ def _fit(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None, ch
          stack: ExitStack, reporter: Reporter, stop_at: tuple[int, int] | None) -> RunResult:
     """The loop proper: a new run when `ckpt` is None (its folder made once the model is built), else a
     continuation of the locked `run_dir`."""
+    device = _start_runtime(cfg)
+    data = _training_data(cfg, device)
+    settings, objective = adv_settings(cfg, data.meta.default_eps), OBJECTIVES[cfg.adv]
+    batches = math.ceil(len(data.train) / cfg.batch_size)
+    if ckpt is None:
+        spec, model = _new_model(cfg, data, device)
+        sparsity, plugins = _sparsity_for(cfg, model, batches), _plugins_for(cfg, model)  # a bad name leaves no folder
+        run_dir = _new_run_folder(cfg, stack)
+    else:
+        assert run_dir is not None
+        spec, model, sparsity, plugins = _resumed_model(cfg, ckpt, run_dir, device, batches)
+        _reopen_run_folder(cfg, ckpt, run_dir, changed)
+    run = _Run(cfg=cfg, device=device, data=data, settings=settings, objective=objective, spec=spec, model=model,
+               sparsity=sparsity, plugins=plugins, optimizer=make_optimizer(cfg, model), run_dir=run_dir,
+               batches=batches, pointed=ckpt is not None)
+    if ckpt is not None:
+        run.restore(ckpt)
+    return run.run_epochs(changed, reporter, _StopFlag(stop_at))
+
+
+# ------------------------------------------------------------------------------- the steps of _fit
+
+
+def _start_runtime(cfg: TrainConfig) -> torch.device:
+    """The device, torch's thread count and its global seed (model init and calibration draw from it)."""
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    return device
+
+
+def _training_data(cfg: TrainConfig, device: torch.device) -> Dataset:
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, device=device,
                         val_fraction=cfg.val_fraction, seed=cfg.seed)
-    data = _train_subset(cfg, data)
-    settings = adv_settings(cfg, data.meta.default_eps)
-    objective = OBJECTIVES[cfg.adv]
-    batches_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    return _train_subset(cfg, data)
 
-    if ckpt is None:
-        spec = model_spec(cfg.model, quant_spec(cfg), **model_kwargs(cfg, data))
-        model = build_model(spec, "settings").to(device)
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        calib = [x for x, _ in iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=g)]
-        calibrate_activations(model, (calib * ACT_CALIBRATION_STEPS)[:ACT_CALIBRATION_STEPS])
-        sparsity = _sparsity_for(cfg, model, batches_per_epoch)  # before the run folder: a bad name must leave nothing behind
-        plugins = _plugins_for(cfg, model)
-        run_dir = stack.enter_context(new_run(cfg))
+
+def _new_model(cfg: TrainConfig, data: Dataset, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
+    """The model the settings describe, its activation ranges calibrated on seeded training batches."""
+    spec = model_spec(cfg.model, quant_spec(cfg), **model_kwargs(cfg, data))
+    model = build_model(spec, "settings").to(device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    calib = [x for x, _ in iterate_batches(data.train, cfg.batch_size, shuffle=True, generator=g)]
+    calibrate_activations(model, (calib * ACT_CALIBRATION_STEPS)[:ACT_CALIBRATION_STEPS])
+    return spec, model
+
+
+def _new_run_folder(cfg: TrainConfig, stack: ExitStack) -> Path:
+    """Create and lock the run folder (removed again if the run fails before its first checkpoint)."""
+    run_dir = stack.enter_context(new_run(cfg))
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    _write_metrics(run_dir, [])
+    return run_dir
+
+
+def _resumed_model(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, device: torch.device,
+                   batches: int) -> tuple[dict[str, Any], nn.Module, Any, list[Any]]:
+    """The checkpoint's model with its weights, its sparsity method and its plugins (their state restored)."""
+    spec = ckpt["model"]
+    model = build_model(spec, f"checkpoint {run_dir / 'last.pt'}").to(device)
+    load_weights(model, ckpt["state_dict"], run_dir / "last.pt")
+    sparsity, plugins = _sparsity_for(cfg, model, batches), _plugins_for(cfg, model)
+    for p in plugins:
+        state = (ckpt.get("plugins_state") or {}).get(p.name)
+        if state is not None:
+            p.load_state_dict(state)
+    return spec, model, sparsity, plugins
+
+
+def _reopen_run_folder(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, changed: dict[str, Any]) -> None:
+    _write_metrics(run_dir, list(ckpt.get("history", [])))  # drops lines written after last.pt was saved
+    if changed:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        _write_metrics(run_dir, [])
-    else:
-        assert run_dir is not None
-        spec = ckpt["model"]
-        model = build_model(spec, f"checkpoint {run_dir / 'last.pt'}").to(device)
-        load_weights(model, ckpt["state_dict"], run_dir / "last.pt")
-        sparsity = _sparsity_for(cfg, model, batches_per_epoch)
-        plugins = _plugins_for(cfg, model)
-        for p in plugins:
-            state = (ckpt.get("plugins_state") or {}).get(p.name)
-            if state is not None:
-                p.load_state_dict(state)
-        _write_metrics(run_dir, list(ckpt.get("history", [])))  # drops lines written after last.pt was saved
-        if changed:
-            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        point_latest(run_dir)  # it has a checkpoint already
+    point_latest(run_dir)  # it has a checkpoint already
 
-    optimizer = make_optimizer(cfg, model)
-    finetune_start = finetune_epoch(cfg) if sparsity else 0
-    start_epoch, start_batch, history, best = 0, 0, [], None
-    partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
-    if ckpt is not None:
+
+def _fresh_partial() -> dict[str, Any]:
+    """The running sums of the epoch in progress (saved in last.pt when a run stops mid-epoch)."""
+    return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+
+
+@dataclass
+class _Run:
+    """One run while it trains: what its checkpoints hold, and the steps of an epoch."""
+
+    cfg: TrainConfig
+    device: torch.device
+    data: Dataset
+    settings: AdvSettings
+    objective: Any
+    spec: dict[str, Any]
+    model: nn.Module
+    sparsity: Any
+    plugins: list[Any]
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    batches: int                # per epoch
+    pointed: bool               # runs/latest points here (a resumed run's folder already has a checkpoint)
+    position: tuple[int, int] = (0, 0)  # (epoch, batch) the run continues from
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    partial: dict[str, Any] = field(default_factory=_fresh_partial)
+
+    @property
+    def finetune_start(self) -> int:
+        return finetune_epoch(self.cfg) if self.sparsity else 0
+
+    @property
+    def mask_at_end(self) -> bool:
+        """No fine-tune epoch: the mask is fixed after the last epoch's training instead."""
+        return self.sparsity is not None and self.finetune_start >= self.cfg.epochs
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Optimizer, sparsity state, position, history and the partial epoch from `ckpt`."""
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise UsageError(f"checkpoint {run_dir / 'last.pt'}: optimizer state does not fit the model "
+            raise UsageError(f"checkpoint {self.run_dir / 'last.pt'}: optimizer state does not fit the model "
                              f"({type(e).__name__})") from None
-        if sparsity is not None and ckpt.get("sparsity_state") is not None:
-            sparsity.load_state_dict(ckpt["sparsity_state"])
-        start_epoch, start_batch = ckpt["position"]
-        history, best = list(ckpt.get("history", [])), ckpt.get("best")
-        partial = dict(ckpt.get("partial_epoch") or partial)
+        if self.sparsity is not None and ckpt.get("sparsity_state") is not None:
+            self.sparsity.load_state_dict(ckpt["sparsity_state"])
+        self.position = tuple(ckpt["position"])
+        self.history, self.best = list(ckpt.get("history", [])), ckpt.get("best")
+        self.partial = dict(ckpt.get("partial_epoch") or self.partial)
 
-    val_n = len(data.val) if cfg.val_samples is None else min(cfg.val_samples, len(data.val))
-    val_x, val_y = data.val.x[:val_n], data.val.y[:val_n]
-    result = RunResult(run_dir=run_dir, metrics=history, best=best, changed=changed)
-    mask_at_end = sparsity is not None and finetune_start >= cfg.epochs  # no fine-tune epoch: fix after the last
-    if mask_at_end:
-        result.notes.append(f"{cfg.epochs} epoch(s) leave no fine-tune epoch (finetune_fraction "
-                            f"{cfg.finetune_fraction:g}): the channel mask was fixed after the last epoch's training")
-    pointed = [ckpt is not None]
-
-    def save(name: str, epoch: int, batch: int, part: dict | None) -> None:
-        atomic_save({
-            "format": FORMAT, "version": VERSION, "rcdeploy": rcdeploy.__version__,
-            "model": spec, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sparsity_state": sparsity.state_dict() if sparsity else None,
-            "sparsity": sparsity.stats(model) if sparsity else None,
-            "plugins_state": {p.name: p.state_dict() for p in plugins},
-            "config": cfg.to_dict(), "dataset": data.meta.to_dict(), "position": [epoch, batch],
-            "partial_epoch": part, "history": history, "best": best,
-            "metrics": history[-1] if history else {}, "eps": settings.eps,
-        }, run_dir / name)
-        if not pointed[0]:  # runs/latest moves here only now that the run has a checkpoint
-            point_latest(run_dir)
-            pointed[0] = True
-
-    stop = _StopFlag()
-    with stop.installed():
-        for epoch in range(start_epoch, cfg.epochs):
-            if sparsity is not None and epoch == finetune_start and start_batch == 0:
-                sparsity.start_finetune(model)
-            for p in plugins:
-                p.start_epoch(model, epoch)
-            lr_factor = math.prod(p.lr_factor(epoch) for p in plugins)
-            model.train()
-            perm_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            order = torch.randperm(len(data.train), generator=perm_gen).to(device)
-            reporter.start_epoch(epoch, cfg.epochs, batches_per_epoch, start_batch)
-            t0 = time.perf_counter()
-            for b in range(start_batch, batches_per_epoch):
-                if stop.set or (stop_at is not None and (epoch, b) == tuple(stop_at)):
-                    partial["time"] += time.perf_counter() - t0
-                    save("last.pt", epoch, b, partial)
+    def run_epochs(self, changed: dict[str, Any], reporter: Reporter, stop: _StopFlag) -> RunResult:
+        """Every remaining epoch: train, validate, checkpoint; on a stop, last.pt at the exact batch."""
+        cfg = self.cfg
+        result = RunResult(run_dir=self.run_dir, metrics=self.history, best=self.best, changed=changed)
+        if self.mask_at_end:
+            result.notes.append(f"{cfg.epochs} epoch(s) leave no fine-tune epoch (finetune_fraction "
+                                f"{cfg.finetune_fraction:g}): the channel mask was fixed after the last epoch's "
+                                "training")
+        start_epoch, start_batch = self.position
+        with stop.installed():
+            for epoch in range(start_epoch, cfg.epochs):
+                train_time = self.train_epoch(epoch, start_batch if epoch == start_epoch else 0, reporter, stop)
+                if train_time is None:
                     result.interrupted = True
                     return result
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                gen = batch_generator(cfg.seed, epoch, b, device)
-                x = augment(data.train.x[idx], data.meta, gen)
-                y = data.train.y[idx]
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, epoch + b / batches_per_epoch) * lr_factor
-                loss, logits = objective(model, x, y, settings, gen)
-                if sparsity is not None:
-                    extra = sparsity.penalty(model)
-                    if extra is not None:
-                        loss = loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if sparsity is not None:
-                    sparsity.after_step(model, optimizer.param_groups[0]["lr"])
-                loss_value = float(loss.detach())
-                partial["loss"] += loss_value * len(y)
-                partial["correct"] += int((logits.argmax(1) == y).sum())
-                partial["seen"] += len(y)
-                reporter.batch(loss_value, len(y))
-            start_batch = 0
-            if sparsity is not None:
-                sparsity.end_epoch(model, epoch, cfg.epochs)
-                if mask_at_end and epoch == cfg.epochs - 1:
-                    sparsity.start_finetune(model)
-            train_time = partial["time"] + time.perf_counter() - t0
-            ev = evaluate(model, val_x, val_y, cfg.val_attack, settings.eps, seed=cfg.seed, eot=cfg.eot)
-            metrics = {
-                "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": partial["loss"] / max(1, partial["seen"]),
-                "train_acc": 100.0 * partial["correct"] / max(1, partial["seen"]),
-                "val_clean_acc": ev["clean_acc"], "val_robust_acc": ev["robust_acc"], "val_attack": cfg.val_attack,
-                "eps": settings.eps, "img_per_s": partial["seen"] / max(train_time, 1e-9), "train_time_s": train_time,
-                "phase": "finetune" if sparsity is not None and epoch >= finetune_start else (
-                    "sparsify" if sparsity is not None else "train"),
-            }
-            if sparsity is not None:
-                metrics["sparsity"] = sparsity.stats(model)
-            for p in plugins:
-                metrics[p.name] = p.stats()
-            history.append(metrics)
-            partial = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
-            # With sparsity on, only mask-fixed (fine-tune phase) epochs may become best.pt: an earlier,
-            # denser model would make `export --prune-channels` remove nothing.
-            fixed = sparsity is None or epoch >= finetune_start or (mask_at_end and epoch == cfg.epochs - 1)
-            eligible = fixed and all(p.eligible(epoch) for p in plugins)
-            key = (ev["robust_acc"], ev["clean_acc"])
-            if eligible and (best is None or key > (best["val_robust_acc"], best["val_clean_acc"])):
-                best = dict(metrics)
-                result.best = best
-                save("best.pt", epoch + 1, 0, None)
-            save("last.pt", epoch + 1, 0, None)
-            _write_metrics(run_dir, history)  # after last.pt: the file never runs ahead of the checkpoint
-            reporter.end_epoch(metrics)
-    result.best = best
-    return result
+                metrics = self.validate(epoch, train_time)
+                if self.checkpoint(epoch, metrics):
+                    result.best = self.best
+                reporter.end_epoch(metrics)
+        result.best = self.best
+        return result
 
+    def train_epoch(self, epoch: int, start_batch: int, reporter: Reporter, stop: _StopFlag) -> float | None:
+        """One epoch's batches from `start_batch`: its training seconds, or None if stopped (last.pt saved)."""
+        cfg, model, sparsity = self.cfg, self.model, self.sparsity
+        if sparsity is not None and epoch == self.finetune_start and start_batch == 0:
+            sparsity.start_finetune(model)
+        for p in self.plugins:
+            p.start_epoch(model, epoch)
+        lr_factor = math.prod(p.lr_factor(epoch) for p in self.plugins)
+        model.train()
+        perm_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        order = torch.randperm(len(self.data.train), generator=perm_gen).to(self.device)
+        reporter.start_epoch(epoch, cfg.epochs, self.batches, start_batch)
+        t0 = time.perf_counter()
+        for b in range(start_batch, self.batches):
+            if stop.due(epoch, b):
+                self.partial["time"] += time.perf_counter() - t0
+                self.save("last.pt", epoch, b, self.partial)
+                return None
+            self.train_step(epoch, b, order, lr_factor, reporter)
+        if sparsity is not None:
+            sparsity.end_epoch(model, epoch, cfg.epochs)
+            if self.mask_at_end and epoch == cfg.epochs - 1:
+                sparsity.start_finetune(model)
+        return self.partial["time"] + time.perf_counter() - t0
+
+    def train_step(self, epoch: int, b: int, order: torch.Tensor, lr_factor: float, reporter: Reporter) -> None:
+        """Batch `b` of `epoch`: replayable augmentation and attack, the objective plus any penalty, a step."""
+        cfg, model, sparsity, optimizer, train = self.cfg, self.model, self.sparsity, self.optimizer, self.data.train
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        gen = batch_generator(cfg.seed, epoch, b, self.device)
+        x = augment(train.x[idx], self.data.meta, gen)
+        y = train.y[idx]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch + b / self.batches) * lr_factor
+        loss, logits = self.objective(model, x, y, self.settings, gen)
+        if sparsity is not None:
+            extra = sparsity.penalty(model)
+            if extra is not None:
+                loss = loss + extra
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if sparsity is not None:
+            sparsity.after_step(model, optimizer.param_groups[0]["lr"])
+        loss_value = float(loss.detach())
+        self.partial["loss"] += loss_value * len(y)
+        self.partial["correct"] += int((logits.argmax(1) == y).sum())
+        self.partial["seen"] += len(y)
+        reporter.batch(loss_value, len(y))
+
+    def validate(self, epoch: int, train_time: float) -> dict[str, Any]:
+        """Clean and robust accuracy on the validation images: the epoch's metrics line, appended to history."""
+        cfg, sparsity, partial = self.cfg, self.sparsity, self.partial
+        val_n = len(self.data.val) if cfg.val_samples is None else min(cfg.val_samples, len(self.data.val))
+        ev = evaluate(self.model, self.data.val.x[:val_n], self.data.val.y[:val_n], cfg.val_attack,
+                      self.settings.eps, seed=cfg.seed, eot=cfg.eot)
+        metrics = {
+            "epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": partial["loss"] / max(1, partial["seen"]),
+            "train_acc": 100.0 * partial["correct"] / max(1, partial["seen"]),
+            "val_clean_acc": ev["clean_acc"], "val_robust_acc": ev["robust_acc"], "val_attack": cfg.val_attack,
+            "eps": self.settings.eps, "img_per_s": partial["seen"] / max(train_time, 1e-9),
+            "train_time_s": train_time,
+            "phase": "finetune" if sparsity is not None and epoch >= self.finetune_start else (
+                "sparsify" if sparsity is not None else "train"),
+        }
+        if sparsity is not None:
+            metrics["sparsity"] = sparsity.stats(self.model)
+        for p in self.plugins:
+            metrics[p.name] = p.stats()
+        self.history.append(metrics)
+        self.partial = _fresh_partial()
+        return metrics
+
+    def checkpoint(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        """best.pt if this epoch is the best eligible one so far (returns whether), then last.pt, then
+        metrics.jsonl (after last.pt: the file never runs ahead of the checkpoint)."""
+        # With sparsity on, only mask-fixed (fine-tune phase) epochs may become best.pt: an earlier,
+        # denser model would make `export --prune-channels` remove nothing.
+        fixed = (self.sparsity is None or epoch >= self.finetune_start
+                 or (self.mask_at_end and epoch == self.cfg.epochs - 1))
+        eligible = fixed and all(p.eligible(epoch) for p in self.plugins)
+        key = (metrics["val_robust_acc"], metrics["val_clean_acc"])
+        improved = eligible and (self.best is None or key > (self.best["val_robust_acc"], self.best["val_clean_acc"]))
+        if improved:
+            self.best = dict(metrics)
+            self.save("best.pt", epoch + 1, 0, None)
+        self.save("last.pt", epoch + 1, 0, None)
+        _write_metrics(self.run_dir, self.history)
+        return improved
+
+    def save(self, name: str, epoch: int, batch: int, part: dict[str, Any] | None) -> None:
+        sparsity, history = self.sparsity, self.history
+        atomic_save({
+            "format": FORMAT, "version": VERSION, "rcdeploy": rcdeploy.__version__,
+            "model": self.spec, "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "sparsity_state": sparsity.state_dict() if sparsity else None,
+            "sparsity": sparsity.stats(self.model) if sparsity else None,
+            "plugins_state": {p.name: p.state_dict() for p in self.plugins},
+            "config": self.cfg.to_dict(), "dataset": self.data.meta.to_dict(), "position": [epoch, batch],
+            "partial_epoch": part, "history": history, "best": self.best,
+            "metrics": history[-1] if history else {}, "eps": self.settings.eps,
+        }, self.run_dir / name)
+        if not self.pointed:  # runs/latest moves here only now that the run has a checkpoint
+            point_latest(self.run_dir)
+            self.pointed = True

@@ -2,7 +2,7 @@
 
 Each takes (model, x, y, eps, settings, generator) in train mode and returns (loss, logits on the
 inputs the loss was computed on). The attack runs through the quantized forward, so training sees
-the deployed arithmetic.
+the deployed arithmetic. Each registers in `OBJECTIVES` under the name declared in `rcdeploy.names`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcdeploy.attacks import parse_attack
+from rcdeploy.names import OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class AdvSettings:
     beta: float
 
 
+__all__ = ["OBJECTIVES", "AdvSettings", "Objective", "fgsm_rs", "natural", "pgd", "trades"]
+
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, AdvSettings, torch.Generator], tuple]
 
 
@@ -32,11 +35,13 @@ def _uniform_like(x: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Te
     return (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
 
 
+@OBJECTIVES.register("none")
 def natural(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
     logits = model(x)
     return F.cross_entropy(logits, y), logits
 
 
+@OBJECTIVES.register("fgsm-rs")
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
     """Fast adversarial training (Wong et al. 2020): uniform start, one step of 1.25 eps, projected."""
     alpha = 1.25 * s.eps
@@ -50,6 +55,7 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, 
     return F.cross_entropy(logits, y), logits
 
 
+@OBJECTIVES.register("pgd")
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
     """Madry et al.: PGD-K with a random start, then cross-entropy on the adversarial batch."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen).item())
@@ -59,6 +65,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen:
     return F.cross_entropy(logits, y), logits
 
 
+@OBJECTIVES.register("trades")
 def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximizing the KL."""
     was_training = model.training
@@ -77,6 +84,3 @@ def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, g
     logits = model(x)
     robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + s.beta * robust, logits
-
-
-OBJECTIVES: dict[str, Objective] = {"none": natural, "fgsm-rs": fgsm_rs, "pgd": pgd, "trades": trades}

@@ -20,7 +20,8 @@ How the trainer drives a method (`rcdeploy/train/loop.py`):
 `start_finetune` fixes the mask: it prunes the channels with the smallest scores (normalized per group,
 ranked across all groups) to hit the target share exactly (as closely as `channel_multiple` allows),
 zeroes them, and `after_step` keeps them at zero from then on. A new method subclasses `Sparsity`,
-overrides the hooks it needs, and registers itself in `SPARSITY`.
+overrides the hooks it needs, registers itself in `SPARSITY` and is declared, with its kind, in
+`rcdeploy.names` (which the CLI and recipe checks read without importing this module).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from torch import nn
 
 from rcdeploy.errors import UsageError
 from rcdeploy.models.channels import ChannelGroup, trace_channels, unwrap
-from rcdeploy.registry import Registry, drop_none
-
-SPARSITY: Registry[type[Sparsity]] = Registry("sparsity method")
+from rcdeploy.names import SPARSITY
+from rcdeploy.registry import drop_none
 
 FINETUNE_AT = 0.7  # share of the epochs spent in the sparse phase before the mask is fixed
 MIN_KEEP = 0.1  # share of each group's channels that the mask never removes (at least one)

@@ -31,11 +31,12 @@ from torch import nn
 
 from rcdeploy.errors import UsageError
 from rcdeploy.models.channels import unwrap
+from rcdeploy.names import SPARSITY, WEIGHTS
 from rcdeploy.quant.spec import layer_bits, weight_layers
 from rcdeploy.train.sparsity import Sparsity, register_sparsity
 
 ZERO_NORM = 1e-15  # a filter counts as removed below this norm (the papers' definition)
-UNSTRUCTURED = ("rvsm", "admm")
+UNSTRUCTURED = tuple(SPARSITY.names(kind=WEIGHTS))  # the weight (not channel) methods: rvsm, admm
 
 
 def hard_threshold(w: torch.Tensor, lam: float, beta: float) -> torch.Tensor:
