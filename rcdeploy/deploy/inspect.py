@@ -24,11 +24,10 @@ from rcdeploy.runtime.cpu import cpu_kind
 from rcdeploy.runtime.graph import (
     INTEGER_OPS,
     batch_one,
-    dtype_name,
+    bytes_by_dtype,
     executed_shapes,
     node_macs,
     onnx_shapes,
-    tensor_bytes,
 )
 from rcdeploy.runtime.session import load_model_proto, open_session
 
@@ -97,25 +96,38 @@ def inspect_model(
     """
     p = Path(path)
     model = load_model_proto(p)
-    op_hist = dict(Counter(_op_key(n) for n in model.graph.node))
-    params = sum(math.prod(t.dims) for t in model.graph.initializer)
-    by_dtype: Counter[str] = Counter()
-    for t in model.graph.initializer:
-        by_dtype[dtype_name(t.data_type)] += tensor_bytes(t)
+    optimized, extended = _optimized_graphs(model, target)
+    per_node, shapes_from = _per_node_macs(extended, input_shape)
+    total = sum(d["macs"] for d in per_node)
+    integer = sum(d["macs"] for d in per_node if d["integer"])
+    return GraphReport(
+        op_histogram=dict(Counter(_op_key(n) for n in model.graph.node)),
+        optimized_op_histogram=dict(Counter(_op_key(n) for n in optimized.graph.node)),
+        macs_total=total,
+        macs_integer=integer,
+        integer_mac_share=integer / total if total else 0.0,
+        params=sum(math.prod(t.dims) for t in model.graph.initializer),
+        bytes_by_dtype=bytes_by_dtype(model),
+        file_bytes=_file_bytes(p, model),
+        per_node=per_node,
+        shapes_from=shapes_from,
+        int16_pairs=u8s8.summarize(u8s8.check_graph(optimized)),
+        cpu=cpu_kind().to_dict(),
+    )
 
+
+def _optimized_graphs(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """onnxruntime's graph for `target` (what runs) and at ORT_ENABLE_EXTENDED (where MACs are counted)."""
     with tempfile.TemporaryDirectory(prefix="rcdeploy-inspect-") as tmp:
         run_path, mac_path = Path(tmp) / "target.onnx", Path(tmp) / "extended.onnx"
         open_session(model, target=target, optimized_model_path=run_path)
-        open_session(
-            model,
-            target=target,
-            optimized_model_path=mac_path,
-            optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        )
-        optimized = onnx.load(str(run_path))
-        extended = onnx.load(str(mac_path))
+        open_session(model, target=target, optimized_model_path=mac_path,
+                     optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        return onnx.load(str(run_path)), onnx.load(str(mac_path))
 
-    opt_hist = dict(Counter(_op_key(n) for n in optimized.graph.node))
+
+def _per_node_macs(extended: onnx.ModelProto, input_shape: tuple[int, ...] | None) -> tuple[list[dict], str]:
+    """MACs of every node at batch 1, and where the shapes came from (onnx inference or a run)."""
     fixed_model, feed_shape = batch_one(extended, input_shape)
     shapes_from = "onnx"
     try:
@@ -128,24 +140,6 @@ def inspect_model(
         shapes_from = "onnxruntime"
         shapes = executed_shapes(fixed_model, feed_shape)
         macs = [node_macs(n, shapes) for n in nodes]
-
-    per_node = [
-        {"name": n.name, "op": _op_key(n), "macs": int(m or 0), "integer": n.op_type in INTEGER_OPS}
-        for n, m in zip(nodes, macs)
-    ]
-    total = sum(d["macs"] for d in per_node)
-    integer = sum(d["macs"] for d in per_node if d["integer"])
-    return GraphReport(
-        op_histogram=op_hist,
-        optimized_op_histogram=opt_hist,
-        macs_total=total,
-        macs_integer=integer,
-        integer_mac_share=integer / total if total else 0.0,
-        params=params,
-        bytes_by_dtype=dict(by_dtype),
-        file_bytes=_file_bytes(p, model),
-        per_node=per_node,
-        shapes_from=shapes_from,
-        int16_pairs=u8s8.summarize(u8s8.check_graph(optimized)),
-        cpu=cpu_kind().to_dict(),
-    )
+    per_node = [{"name": n.name, "op": _op_key(n), "macs": int(m or 0), "integer": n.op_type in INTEGER_OPS}
+                for n, m in zip(nodes, macs)]
+    return per_node, shapes_from

@@ -123,8 +123,6 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
     the same time whatever the pixel values). Returns JSON-able figures; times in ms, memory in
     bytes, throughput in images per second at the median latency.
     """
-    import onnxruntime as ort
-
     from rcdeploy.runtime.session import get_target, input_spec, load_model_proto, open_runtime_session
 
     profile = get_target(target)
@@ -148,27 +146,9 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
     for b in batch_sizes:
         x = rng.random((int(b), *shape[1:]), dtype=np.float32)
         rows.append(_time_batch(session, name, x, min_repeats, min_seconds))
-    peak, rss_after = _status_kib("VmHWM"), _status_kib("VmRSS")
-    if reset and peak is not None and before is not None:
-        memory = {"memory_method": "VmHWM after reset (clear_refs) before session creation",
-                  "session_peak_rss_delta_bytes": (peak - before) * 1024,
-                  "peak_rss_bytes": peak * 1024}
-    else:
-        whole = _rusage_peak_bytes()
-        memory = {"memory_method": "whole process peak RSS (getrusage); no per-session reset available",
-                  "session_peak_rss_delta_bytes": None, "peak_rss_bytes": whole}
-    engine: dict[str, Any] = {
-        "runtime": runtime,
-        "execution_mode": "sequential" if profile.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL else "parallel",
-        "graph_optimization": str(profile.optimization).rsplit(".", 1)[-1],
-        "onnxruntime": ort.__version__,
-    }
-    if runtime == "openvino":
-        from rcdeploy.runtime.ov_session import openvino_version
-
-        engine = {"runtime": runtime, "openvino": openvino_version(), "openvino_config":
-                  "CPU, INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, NUM_STREAMS 1",
-                  "int8_layers": session.int8_layers()}
+    rss_after = _status_kib("VmRSS")
+    memory = _memory_figures(reset, before)
+    engine = _engine_figures(runtime, profile, session)
     return {
         "target": profile.name,
         "description": profile.description,
@@ -185,6 +165,31 @@ def measure_latency(path: str | Path, *, target: str = "cpu", batch_sizes: list[
         "input": "uniform random images in [0, 1]",
         "batches": rows,
     }
+
+
+def _memory_figures(reset: bool, before: int | None) -> dict[str, Any]:
+    """Peak memory the session cost (VmHWM since the reset), or the whole process's where no reset works."""
+    peak = _status_kib("VmHWM")
+    if reset and peak is not None and before is not None:
+        return {"memory_method": "VmHWM after reset (clear_refs) before session creation",
+                "session_peak_rss_delta_bytes": (peak - before) * 1024, "peak_rss_bytes": peak * 1024}
+    return {"memory_method": "whole process peak RSS (getrusage); no per-session reset available",
+            "session_peak_rss_delta_bytes": None, "peak_rss_bytes": _rusage_peak_bytes()}
+
+
+def _engine_figures(runtime: str, profile: Any, session: Any) -> dict[str, Any]:
+    """What ran the model: onnxruntime's execution settings, or OpenVINO's and its int8 layers."""
+    if runtime == "openvino":
+        from rcdeploy.runtime.ov_session import openvino_version
+
+        return {"runtime": runtime, "openvino": openvino_version(), "openvino_config":
+                "CPU, INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, NUM_STREAMS 1",
+                "int8_layers": session.int8_layers()}
+    import onnxruntime as ort
+
+    return {"runtime": runtime,
+            "execution_mode": "sequential" if profile.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL else "parallel",
+            "graph_optimization": str(profile.optimization).rsplit(".", 1)[-1], "onnxruntime": ort.__version__}
 
 
 def measure_in_subprocess(path: str | Path, *, target: str = "cpu", batch_sizes: list[int] | tuple[int, ...] = (1,),

@@ -98,7 +98,17 @@ def render_bench(report: BenchReport | dict[str, Any], console: Any) -> None:
                   + (" [yellow](stochastic graph)[/]" if m.get("stochastic") else ""))
     if (s.get("cpu") or {}).get("description"):
         console.print(f"[dim]CPU: {s['cpu']['description']}[/]")
+    _render_size(size, s, console)
+    if lat:
+        _render_latency(lat, console)
+    _render_accuracy(acc, s, console)
+    for flag in acc.get("flags", []):
+        console.print(f"[bold red]warning:[/] {flag}")
+    for note in report.get("notes", []):
+        console.print(f"[dim]note: {note}[/]")
 
+
+def _render_size(size: dict[str, Any], s: dict[str, Any], console: Any) -> None:
     by_dtype = ", ".join(f"{k} {_bytes(v)}" for k, v in (size.get("bytes_by_dtype") or {}).items())
     t = _table(title="size")
     for col in ("file", "params", "MACs / image", "in integer kernels"):
@@ -114,29 +124,32 @@ def render_bench(report: BenchReport | dict[str, Any], console: Any) -> None:
                  "saturate on x86 without VNNI[/]")
         console.print(f"int16 pair sums: {state}; accuracy as computed on: {s.get('isa')}")
 
-    if lat:
-        mode = f", {lat['execution_mode']} execution" if lat.get("execution_mode") else ""
-        caption = (f"{lat.get('description')}; intra-op threads {lat.get('intra_op_threads')} of "
-                   f"{lat.get('cpu_count')} cores{mode}; session load "
-                   f"{_ms(1e3 * lat['session_load_s'])} ms; peak RSS +{_bytes(lat.get('session_peak_rss_delta_bytes'))} "
-                   f"over {_bytes(lat.get('baseline_rss_bytes'))} ({lat.get('memory_method')})")
-        engine = (f"openvino {lat.get('openvino', '')}" if lat.get("runtime") == "openvino"
-                  else f"onnxruntime {lat.get('onnxruntime', '')}")
-        t = _table(title=f"latency, target {lat.get('target')}, {engine}")
-        for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "runs"):
-            t.add_column(col, justify="right")
-        for b in lat.get("batches", []):
-            ips = b.get("img_per_s")
-            t.add_row(str(b["batch_size"]), _ms(b["p50_ms"]), _ms(b["p90_ms"]), _ms(b["p99_ms"]),
-                      f"{ips:,.0f}" if ips else "-", f"{b['repeats']}" + ("" if b.get("stable") else " (unstable)"))
-        console.print(t)
-        console.print(f"[dim]{caption}[/]")
-        ov = lat.get("int8_layers")
-        if ov:
-            floats = ov.get("float") or []
-            console.print(f"OpenVINO runs {ov['int8']} of {ov['layers']} conv/matmul layers as int8 kernels"
-                          + (f"; in float: {', '.join(floats[:6])}{' ...' if len(floats) > 6 else ''}" if floats else ""))
 
+def _render_latency(lat: dict[str, Any], console: Any) -> None:
+    mode = f", {lat['execution_mode']} execution" if lat.get("execution_mode") else ""
+    caption = (f"{lat.get('description')}; intra-op threads {lat.get('intra_op_threads')} of "
+               f"{lat.get('cpu_count')} cores{mode}; session load "
+               f"{_ms(1e3 * lat['session_load_s'])} ms; peak RSS +{_bytes(lat.get('session_peak_rss_delta_bytes'))} "
+               f"over {_bytes(lat.get('baseline_rss_bytes'))} ({lat.get('memory_method')})")
+    engine = (f"openvino {lat.get('openvino', '')}" if lat.get("runtime") == "openvino"
+              else f"onnxruntime {lat.get('onnxruntime', '')}")
+    t = _table(title=f"latency, target {lat.get('target')}, {engine}")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "runs"):
+        t.add_column(col, justify="right")
+    for b in lat.get("batches", []):
+        ips = b.get("img_per_s")
+        t.add_row(str(b["batch_size"]), _ms(b["p50_ms"]), _ms(b["p90_ms"]), _ms(b["p99_ms"]),
+                  f"{ips:,.0f}" if ips else "-", f"{b['repeats']}" + ("" if b.get("stable") else " (unstable)"))
+    console.print(t)
+    console.print(f"[dim]{caption}[/]")
+    ov = lat.get("int8_layers")
+    if ov:
+        floats = ov.get("float") or []
+        console.print(f"OpenVINO runs {ov['int8']} of {ov['layers']} conv/matmul layers as int8 kernels"
+                      + (f"; in float: {', '.join(floats[:6])}{' ...' if len(floats) > 6 else ''}" if floats else ""))
+
+
+def _render_accuracy(acc: dict[str, Any], s: dict[str, Any], console: Any) -> None:
     twin = acc.get("twin") or {}
     scorer = s.get("scored_by") or "onnxruntime on the file"
     t = _table(title=f"accuracy, scored by {scorer}")
@@ -153,13 +166,9 @@ def render_bench(report: BenchReport | dict[str, Any], console: Any) -> None:
         t.add_row("[bold]worst case[/]", f"[bold]{_pct(acc['worst_case_acc_pct'])}[/]",
                   _pct(twin.get("adversarial_agreement_pct")), "", "", "")
     console.print(t)
-    console.print(f"[dim]twin agrees: top-1 of the differentiable twin = {s.get('runtime') or 'onnxruntime'}'s on this CPU; "
-                  "max|dx|: max |x_adv - x|; "
-                  "valid: every adversarial image within eps of its original and in [0, 1][/]")
-    for flag in acc.get("flags", []):
-        console.print(f"[bold red]warning:[/] {flag}")
-    for note in report.get("notes", []):
-        console.print(f"[dim]note: {note}[/]")
+    console.print(f"[dim]twin agrees: top-1 of the differentiable twin = {s.get('runtime') or 'onnxruntime'}'s on "
+                  "this CPU; max|dx|: max |x_adv - x|; valid: every adversarial image within eps of its original "
+                  "and in [0, 1][/]")
 
 
 def _as_report(report: BenchReport | dict[str, Any]) -> BenchReport:
