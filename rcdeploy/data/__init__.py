@@ -20,7 +20,6 @@ from rcdeploy.data import folder, formats  # noqa: F401
 from rcdeploy.data.batching import augment, iterate_batches, load_dataset
 from rcdeploy.data.core import (
     DATASETS,
-    META_CHECK,
     TEST_FRACTION,
     TEST_SPLIT_SEED,
     Dataset,
@@ -36,7 +35,7 @@ from rcdeploy.data.folder import MAX_FOLDER_BYTES, MAX_IMAGE_PIXELS
 from rcdeploy.data.formats import _IDX_FILES as _IDX_FILES
 
 __all__ = [
-    "DATASETS", "DOWNLOAD_TIMEOUT_S", "MAX_FOLDER_BYTES", "MAX_IMAGE_PIXELS", "META_CHECK", "TEST_FRACTION",
+    "DATASETS", "DOWNLOAD_TIMEOUT_S", "MAX_FOLDER_BYTES", "MAX_IMAGE_PIXELS", "TEST_FRACTION",
     "TEST_SPLIT_SEED", "Dataset", "DatasetMeta", "Split", "augment", "dataset_names", "default_data_dir",
     "iterate_batches", "load_dataset",
 ]

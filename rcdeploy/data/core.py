@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from rcdeploy import validate as V
 from rcdeploy.errors import UsageError
 from rcdeploy.registry import Registry
 
@@ -56,18 +55,6 @@ class DatasetMeta:
         )
 
 
-# What a checkpoint or sidecar must hold for `DatasetMeta.from_dict` (the one schema both files share).
-META_CHECK = V.mapping({
-    "name": V.text(max_len=4096),
-    "num_classes": V.integer(2, 1_000_000),
-    "classes": V.list_of(V.one_of(V.text(), V.integer(), expected="a class name"), max_len=1_000_000),
-    "shape": V.list_of(V.integer(1, 65_536), min_len=3, max_len=3),
-    "mean": V.list_of(V.number(), max_len=64),
-    "std": V.list_of(V.number(0, lo_open=True), max_len=64),
-    "crop_padding": V.integer(0, 1024),
-    "hflip": V.boolean,
-    "default_eps": V.number(0, 1, lo_open=True),
-}, required=("name", "num_classes", "shape"))
 
 
 def _jsonable(v: Any) -> Any:
