@@ -288,7 +288,7 @@ Examples:
 """)
 @click.argument("model", type=click.Path())
 @click.option("--attack", "attacks", default="ifgsm20", show_default=True,
-              help="Comma list: fgsm, ifgsmN, pgdN, cwN, squareN (or 'none').")
+              help="Comma list: fgsm, ifgsmN, pgdN, cwN, squareN, apgd-ceN, apgd-tN, or the preset autoattack-fast (or 'none').")
 @click.option("--dataset", help="Dataset name.", show_default="the sidecar model.json's")
 @click.option("--data-dir", help="Dataset folder.", show_default="the sidecar's, else $RCDEPLOY_DATA or ./data")
 @click.option("--samples", type=click.IntRange(1), help="Test images to score.",

@@ -81,6 +81,8 @@ class Attack:
     family: str = "attack"
     #: Whether `name` carries the step count (ifgsm20) or not (fgsm).
     counted: bool = True
+    #: Whether the constructor takes a `step` (ifgsm, pgd, cw) or sets its own (square, apgd).
+    uses_step: bool = True
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ class Square(Attack):
     """
 
     family = "square"
+    uses_step = False
 
     def __init__(
         self,
