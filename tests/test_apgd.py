@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import test_attacks
 import torch
-from test_attacks import EPS, ModeModel, accuracy, analytic_optimum, linear_two_class, true_margin
+from test_attacks import (
+    EPS,
+    ModeModel,
+    accuracy,
+    linear_case,
+    true_margin,
+)
 
 from rcdeploy.attacks import APGDCE, APGDT, parse_attack, parse_attacks
 from rcdeploy.attacks.apgd import checkpoints
@@ -26,13 +32,7 @@ def test_checkpoints_follow_the_paper() -> None:
 @pytest.mark.parametrize("cls", [APGDCE, APGDT])
 @pytest.mark.parametrize("clipping", [False, True])
 def test_apgd_reaches_the_analytic_margin(cls, clipping: bool) -> None:
-    model = linear_two_class()
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(32, 1, 8, 8, generator=g)
-    if not clipping:
-        x = EPS + (1 - 2 * EPS) * x
-    y = torch.randint(0, 2, (32,), generator=g)
-    optimum = analytic_optimum(model, x, y, EPS)
+    model, x, y, optimum = linear_case(clipping)
     x_adv = cls(EPS, steps=20, seed=0).attack(model, x, y)
     # APGD-T, as in AutoAttack, leaves images the model already gets wrong as they are.
     todo = torch.ones_like(y, dtype=torch.bool) if cls is APGDCE else true_margin(model, x, y) > 0

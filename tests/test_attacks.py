@@ -178,6 +178,18 @@ def analytic_optimum(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps
     return torch.minimum(torch.maximum(x + eps * direction, (x - eps).clamp(min=0)), (x + eps).clamp(max=1))
 
 
+def linear_case(clipping: bool) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The linear 2-class model, 32 images (inside [eps, 1 - eps] unless `clipping`), labels, and the
+    analytic L-inf optimum of every image."""
+    model = linear_two_class()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(32, 1, 8, 8, generator=g)
+    if not clipping:
+        x = EPS + (1 - 2 * EPS) * x
+    y = torch.randint(0, 2, (32,), generator=g)
+    return model, x, y, analytic_optimum(model, x, y, EPS)
+
+
 def true_margin(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return -margin(model(x), y)
@@ -201,13 +213,7 @@ def test_fgsm_equals_the_analytic_optimum(clipping: bool) -> None:
 @pytest.mark.parametrize("cls", [IFGSM, PGD, CW])
 @pytest.mark.parametrize("clipping", [False, True])
 def test_iterative_attacks_reach_the_analytic_margin(cls, clipping: bool) -> None:
-    model = linear_two_class()
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(32, 1, 8, 8, generator=g)
-    if not clipping:
-        x = EPS + (1 - 2 * EPS) * x
-    y = torch.randint(0, 2, (32,), generator=g)
-    optimum = analytic_optimum(model, x, y, EPS)
+    model, x, y, optimum = linear_case(clipping)
     # eps/4 steps: 8 steps cross the ball from any start; 12 leave slack.
     x_adv = cls(EPS, steps=12, seed=0).attack(model, x, y)
     assert torch.allclose(x_adv, optimum, atol=1e-6)
