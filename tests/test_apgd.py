@@ -8,7 +8,6 @@ import test_attacks
 import torch
 from test_attacks import (
     EPS,
-    ModeModel,
     accuracy,
     linear_case,
     true_margin,
@@ -18,7 +17,6 @@ from rcdeploy.attacks import APGDCE, APGDT, parse_attack, parse_attacks
 from rcdeploy.attacks.apgd import checkpoints
 from rcdeploy.errors import UsageError
 
-SPECS = ["apgd-ce5", "apgd-t5"]
 # test_attacks' fixtures (one thread, the digits split, the tiny trained CNN), shared by name.
 one_thread, digits, trained = test_attacks.one_thread, test_attacks.digits, test_attacks.trained
 
@@ -42,25 +40,6 @@ def test_apgd_reaches_the_analytic_margin(cls, clipping: bool) -> None:
     assert torch.allclose(got, best, atol=1e-5), (got - best).abs().max()
     assert torch.allclose(x_adv[todo], optimum[todo], atol=1e-6)
     assert torch.equal(x_adv[~todo], x[~todo])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("spec", SPECS)
-def test_invariants(spec: str, dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
-    model = ModeModel().to(dtype)
-    x = torch.rand(6, 1, 8, 8, dtype=dtype)
-    x[0, 0, :2], x[1, 0, :2] = 0.0, 1.0  # clamping must bind on the [0, 1] edges
-    with torch.no_grad():
-        y = model.eval()(x).argmax(1)
-    model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x_adv = parse_attack(spec, eps=EPS, seed=0, restarts=2).attack(model, x, y)
-    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
-    assert (x_adv - x).abs().max().item() <= EPS + 1e-6
-    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert model.training and all(p.grad is None for p in model.parameters())
 
 
 def test_apgd_t_is_not_weaker_than_apgd_ce(trained, digits) -> None:

@@ -104,9 +104,10 @@ class ModeModel(nn.Module):
         return self.head(self.frozen_bn(self.body(x)))
 
 
+@pytest.mark.parametrize("restarts", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("spec", SPECS)
-def test_invariants(spec: str, dtype: torch.dtype) -> None:
+def test_invariants(spec: str, dtype: torch.dtype, restarts: int) -> None:
     torch.manual_seed(0)
     model = ModeModel().to(dtype)
     x = torch.rand(6, 1, 8, 8, dtype=dtype)
@@ -121,7 +122,7 @@ def test_invariants(spec: str, dtype: torch.dtype) -> None:
     model.head[2].weight.grad = torch.full_like(model.head[2].weight, 3.0)  # a caller's pending grad
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    x_adv = parse_attack(spec, eps=EPS, seed=0).attack(model, x, y)
+    x_adv = parse_attack(spec, eps=EPS, seed=0, restarts=restarts).attack(model, x, y)
 
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
     assert not x_adv.requires_grad

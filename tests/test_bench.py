@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _cli import run_cli
 from _deploy_models import TinyResNet, export_fp32
 from onnx import TensorProto, helper, numpy_helper
 
-from rcdeploy.cli import main
 from rcdeploy.deploy.bench import bench_model, gradient_masking_flags, parse_batch_sizes
 from rcdeploy.deploy.report import CSV_COLUMNS, pareto_front
 from rcdeploy.errors import UsageError
@@ -191,13 +191,7 @@ def test_latency_cpu_and_mobile(fitted: dict[str, Path]) -> None:
 
 
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(list(args), capsys)
 
 
 def test_cli_json_csv_compare(fitted: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

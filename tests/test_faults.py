@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _cli import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from rcdeploy.cli import main
@@ -45,13 +46,7 @@ TRAIN = ["--dataset", "digits", "--model", "small_cnn", "--width", "0.25", "--bi
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     """The CLI in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(argv, capsys)
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:
