@@ -12,6 +12,8 @@ $(BIN)/rcdeploy: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" || $(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu torch
 	$(BIN)/pip install -q -e ".[dev]"
+# Dev-only, for tests/test_attack_crosscheck.py; --no-deps: its torchvision requirement breaks CPU torch.
+	$(BIN)/pip install -q --no-deps "torchattacks>=3.5,<4" || true
 	touch $(BIN)/rcdeploy
 
 install: $(BIN)/rcdeploy

@@ -161,7 +161,14 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 @_opt("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, svhn or folder:PATH.")
 @_opt("--data-dir", help="Folder holding the dataset files (none: $RCDEPLOY_DATA, else ./data).")
 @_opt("--download", is_flag=True, default=None, help="Fetch the standard dataset files (needs a network).")
-@_opt("--bits", help="Weight bits: float, 8, 7, 6, 5, 4, 3, 2 (ternary), 1 (binary).")
+@_opt("--bits", help="Weight bits: float, 8, 7, 6, 5, 4, 3, 2 (ternary), 1 (binary), or auto (per layer, "
+      "Lipschitz-guided, within --size-budget).")
+@_opt("--size-budget", help="--bits auto: bytes of the weight layers, e.g. 20KB (KB = 1000 B, KiB = 1024 B; "
+      "weights at their bits + 8 B per output channel).")
+@_opt("--auto-bits-epochs", type=click.IntRange(0, 100_000), help="--bits auto: adversarial epochs at 8 bits "
+      "before the layers are measured (then --epochs of fine-tuning at the chosen bits).")
+@_opt("--auto-bits-amplification", help="--bits auto: weigh each layer's error by its Lipschitz bound to the "
+      "logits (bound) or by the logit change measured with only that layer quantized (measured).")
 @_opt("--act-bits", help="Activation bits (8 keeps int8 kernels at export).")
 @_opt("--first-last-bits", help="Weight bits of the first and last layers (7 keeps every layer "
       "on u8 x s8 kernels at export, which OpenVINO runs as int8 too).")
@@ -170,10 +177,13 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 @_opt("--steps", type=click.IntRange(1, 10_000), help="Attack steps during training (pgd, trades).")
 @_opt("--step-size", help="Attack step size, e.g. 2/255 (none: 2.5*eps/steps).")
 @_opt("--beta", type=float, help="TRADES trade-off weight.")
+@_opt("--alpha", type=float, help="mixed: weight of the adversarial term, (1 - alpha) CE(x) + alpha CE(x_adv).")
 @_opt("--quant", "quant_method", setting="quant_method", help=f"Weight quantization training: {N.listing(N.QUANT_METHODS.names())}.")
 @_opt("--br-lambda", type=float, help="Binary-Relax: initial lambda of (w + lambda Q(w)) / (1 + lambda).")
 @_opt("--br-growth", type=float, help="Binary-Relax: lambda multiplier per epoch.")
 @_opt("--eot", type=click.IntRange(1, 10_000), help="Noise draws per evaluation for stochastic models (EnResNet).")
+@_opt("--val-attack", help="Attack(s) of the per-epoch validation that picks best.pt: a name, a comma list or "
+      "a preset (per image the worst), e.g. apgd-ce20 or autoattack-fast.")
 @_opt("--model-arg", "model_args", setting="model_args", multiple=True, metavar="KEY=VALUE",
       help="Extra model setting, repeatable, e.g. --model-arg noise=0 (EnResNet without noise).")
 @_opt("--epochs", type=click.IntRange(1, 100_000), help="Training epochs (with --resume: train the run further).")
@@ -189,7 +199,13 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
       help="Sparsity method setting, repeatable, e.g. --sparsity-param lambda1=0.05 (rgsm).")
 @_opt("--prune-weights", type=float, help=f"{'/'.join(N.SPARSITY.names(kind=N.WEIGHTS))}: target share of weights "
       "zeroed, e.g. 0.8.")
-@_opt("--channel-multiple", type=click.IntRange(1, 4096), help="Round kept channel counts up to a multiple.")
+@_opt("--codebook-bits", type=click.IntRange(1, 8), help="atmc: at most 2**b nonzero values per weight tensor "
+      "(none: 4).")
+@_opt("--channel-multiple", type=click.IntRange(1, 4096), help="Round kept channel counts (and low ranks) up to "
+      "a multiple.")
+@_opt("--low-rank", help="CSTAR: Tucker-2 factorized layers storing 1/N of their dense parameters, e.g. 8x "
+      "(ranks chosen globally; ADMM, then the swap to factors, then fine-tuning).")
+@_opt("--rank-rho", type=float, help="Low rank: ADMM penalty weight rho.")
 @_opt("--seed", type=click.IntRange(0, MAX_SEED), help="Random seed (weights, batches, attacks).")
 @_opt("--device", help="auto, cpu or cuda.")
 @_opt("--threads", type=click.IntRange(1, 4096), help="CPU threads for torch (none: torch's default; tiny "
@@ -261,7 +277,9 @@ Examples:
 @click.option("--verify-samples", type=click.IntRange(1, 1_000_000), default=512, show_default=True,
               help="Held-out images the export is verified on.")
 @click.option("--no-noise", is_flag=True, show_default="off",
-              help="Stochastic models (EnResNet): export without the noise.")
+              help="Stochastic models (EnResNet): export without the noise (a deterministic file, noted in "
+              "model.json). By default the noise is kept: the file draws it as in training (score it with "
+              "bench --eot N).")
 @click.option("--json", "json_path", show_default="not written",
               help="Write the export summary as JSON to FILE ('-' for stdout).")
 def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str, storage: str | None, output: str,
@@ -288,7 +306,8 @@ Examples:
 """)
 @click.argument("model", type=click.Path())
 @click.option("--attack", "attacks", default="ifgsm20", show_default=True,
-              help="Comma list: fgsm, ifgsmN, pgdN, cwN, squareN, apgd-ceN, apgd-tN, or the preset autoattack-fast (or 'none').")
+              help="Comma list: fgsm, ifgsmN, pgdN, cwN, squareN, apgd-ceN, apgd-tN, fab-tN; a white-box name + @smooth takes the "
+              "gradients of the graph's smooth surrogate; presets autoattack, autoattack-fast; or 'none'.")
 @click.option("--dataset", help="Dataset name.", show_default="the sidecar model.json's")
 @click.option("--data-dir", help="Dataset folder.", show_default="the sidecar's, else $RCDEPLOY_DATA or ./data")
 @click.option("--samples", type=click.IntRange(1), help="Test images to score.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -12,8 +13,8 @@ import yaml
 
 from rcdeploy import validate as V
 from rcdeploy.errors import UsageError
-from rcdeploy.names import OBJECTIVES, OPTIMIZERS, QUANT_METHODS, SCHEDULES
-from rcdeploy.units import parse_fraction
+from rcdeploy.names import OBJECTIVES, OPTIMIZERS, QUANT_METHODS, SCHEDULES, SPARSITY, WEIGHTS
+from rcdeploy.units import parse_fraction, parse_size
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -36,6 +37,9 @@ class TrainConfig:
     act_bits: int | str = 8
     first_last_bits: int | str | None = 8  # 7: every exported layer runs u8 x s8 kernels (see README, Export)
     bit_overrides: dict[str, int | str] = field(default_factory=dict)  # fnmatch layer pattern -> bits
+    size_budget: int | str | None = None  # bits auto: byte budget of the weight layers, e.g. 20KB (quant/allocate)
+    auto_bits_epochs: int = 2            # bits auto: adversarial epochs at 8 bits before the layers are measured
+    auto_bits_amplification: str = "bound"  # bits auto: weigh errors by the Lipschitz bound, or by the measured gain
     model_args: dict[str, Any] = field(default_factory=dict)  # extra model settings, e.g. {noise: 0.1} (EnResNet)
     quant_method: str = "qat"            # rcdeploy.names.QUANT_METHODS: qat | binary-relax (see quant/binary_relax)
     br_lambda: float = 1.0               # binary-relax: initial lambda in w_r = (w + lambda Q(w)) / (1 + lambda)
@@ -43,11 +47,12 @@ class TrainConfig:
     br_exact_fraction: float = 0.2       # binary-relax: last share of epochs on exact Q(w) (at least one epoch)
     br_exact_lr: float = 0.1             # binary-relax: learning-rate factor in the exact phase
     # adversarial objective
-    adv: str = "pgd"                     # rcdeploy.names.OBJECTIVES: none | fgsm-rs | pgd | trades
+    adv: str = "pgd"                     # rcdeploy.names.OBJECTIVES: none | fgsm-rs | pgd | trades | mixed
     eps: float | str | None = None       # L-inf, image units in [0, 1]; None: the dataset's literature default
     steps: int = 5                       # attack steps for pgd / trades during training
     step_size: float | str | None = None  # None: 2.5 * eps / steps (Madry et al.)
     beta: float = 6.0                    # TRADES trade-off
+    alpha: float = 0.5                   # mixed: (1 - alpha) CE(clean) + alpha CE(adversarial)
     # optimisation
     epochs: int = 15
     batch_size: int = 128
@@ -70,10 +75,16 @@ class TrainConfig:
     prune_channels: float = 0.0          # target share of prunable channels removed (0 = off)
     sparsity: str = "group-lasso"        # rcdeploy.names.SPARSITY: group-lasso | rgsm | slimming (channels);
                                          # rvsm | admm (weights)
-    prune_weights: float = 0.0           # rvsm | admm: target share of weights zeroed (admm needs it; rvsm reports it)
+    prune_weights: float = 0.0           # rvsm | admm | atmc: target share of weights zeroed (rvsm only reports it)
+    codebook_bits: int | None = None     # atmc: at most 2**b nonzero values per weight tensor (None: atmc's 4)
     sparsity_params: dict[str, Any] = field(default_factory=dict)
     channel_multiple: int = 1
     finetune_fraction: float = 0.3       # last share of epochs: mask fixed, the rest fine-tuned
+    # CSTAR low rank (rcdeploy.train.lowrank): Tucker-2 layers to a parameter budget
+    low_rank: float | str | None = None  # compression of the factorized layers' parameters, e.g. 8x (None: off)
+    rank_rho: float = 1e-2               # ADMM penalty rho/2 ||W - Z + U||^2
+    rank_admm_at: float = 0.3            # share of epochs trained dense before ranks are chosen and ADMM starts
+    rank_swap_at: float = 0.7            # share of epochs after which layers are swapped to factors (then fine-tuned)
     # runtime
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda
@@ -97,6 +108,10 @@ class TrainConfig:
         for registry, name in ((QUANT_METHODS, self.quant_method), (OBJECTIVES, self.adv), (SCHEDULES, self.schedule),
                                (OPTIMIZERS, self.optimizer)):
             registry.check(name)  # "unknown adversary 'x'; known: none, fgsm-rs, pgd, trades"; imports nothing
+        check_auto_bits(self)
+        if self.low_rank is not None:
+            self.low_rank = parse_ratio(self.low_rank)
+            _check_low_rank(self)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UsageError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.name is not None and (self.name in (".", "..", "latest") or "/" in self.name or "\\" in self.name
@@ -104,6 +119,31 @@ class TrainConfig:
             raise UsageError(f"--name {self.name!r}: a run name is one folder name (no '/', not starting with "
                              "'.', not 'latest')")
         return self
+
+
+def parse_ratio(value: Any) -> float:
+    """'8x', '8', 8 -> 8.0: a compression ratio, a finite number above 1."""
+    text = str(value).strip().lower()
+    try:
+        ratio = float(text[:-1] if text.endswith("x") else text)
+    except ValueError:
+        raise UsageError(f"--low-rank {value!r}: write a compression ratio such as 8x") from None
+    if not math.isfinite(ratio) or ratio <= 1:
+        raise UsageError(f"--low-rank {value!r}: the ratio must be above 1 (e.g. 2x .. 64x)")
+    return ratio
+
+
+def _check_low_rank(cfg: TrainConfig) -> None:
+    """What low rank does not compose with yet: refused, never silently wrong."""
+    if cfg.prune_channels or cfg.prune_weights or SPARSITY.declaration(cfg.sparsity).kind == WEIGHTS:
+        raise UsageError("--low-rank with channel or weight sparsity is not supported yet (pass --prune-channels 0; the "
+                         "sparsity groups would change at the swap to factorized layers)")
+    if cfg.quant_method != "qat":
+        raise UsageError(f"--low-rank with --quant {cfg.quant_method} is not supported yet (the relaxation hooks "
+                         "name the dense layers that the swap replaces); use --quant qat")
+    if not 0 <= cfg.rank_admm_at <= cfg.rank_swap_at <= 1:
+        raise UsageError(f"rank_admm_at {cfg.rank_admm_at} and rank_swap_at {cfg.rank_swap_at}: need "
+                         "0 <= rank_admm_at <= rank_swap_at <= 1")
 
 
 MERGED_SETTINGS = ("sparsity_params", "model_args")  # mappings that overrides extend rather than replace
@@ -121,6 +161,8 @@ FIELD_RANGES: dict[str, V.Check] = {
     "act_bits": V.one_of(V.integer(1, 32), V.text(max_len=16), expected="bits: an integer or float"),
     "first_last_bits": V.optional(V.one_of(V.integer(1, 32), V.text(max_len=16), expected="bits: an integer or float")),
     "bit_overrides": V.mapping(values=V.one_of(V.integer(1, 32), V.text(max_len=16), expected="bits"), max_len=1000),
+    "size_budget": V.optional(V.one_of(V.integer(1), V.text(max_len=64), expected="a size like 20KB")),
+    "auto_bits_epochs": V.integer(0, 100_000),
     "br_lambda": V.number(0, 1e6),
     "br_growth": V.number(0, 1e3, lo_open=True),
     "br_exact_fraction": V.number(0, 1),
@@ -129,6 +171,7 @@ FIELD_RANGES: dict[str, V.Check] = {
     "steps": V.integer(1, 10_000),
     "step_size": V.optional(_fraction_or_number),
     "beta": V.number(0, 1e6),
+    "alpha": V.number(0, 1),
     "epochs": V.integer(1, 100_000),
     "batch_size": V.integer(1, 1 << 20),
     "train_samples": V.optional(V.integer(1)),
@@ -142,11 +185,42 @@ FIELD_RANGES: dict[str, V.Check] = {
     "eot": V.integer(1, 10_000),
     "prune_channels": V.number(0, 1, hi_open=True),
     "prune_weights": V.number(0, 1, hi_open=True),
+    "codebook_bits": V.optional(V.integer(1, 8)),
     "channel_multiple": V.integer(1, 4096),
     "finetune_fraction": V.number(0, 1),
+    "low_rank": V.optional(V.one_of(V.number(1, 1e6, lo_open=True), V.text(max_len=32),
+                                    expected="a compression ratio such as 8x")),
+    "rank_rho": V.number(0, 1e6),
+    "rank_admm_at": V.number(0, 1),
+    "rank_swap_at": V.number(0, 1),
     "seed": V.integer(0, 2**32 - 1),
     "threads": V.optional(V.integer(1, 4096)),
 }
+
+
+AUTO_BITS = "auto"  # --bits auto: per-layer bits chosen under --size-budget (rcdeploy.train.auto_bits)
+AMPLIFICATIONS = ("bound", "measured")  # what weighs a layer's error (rcdeploy.train.auto_bits)
+
+
+def check_auto_bits(cfg: TrainConfig) -> None:
+    """`--bits auto` and `--size-budget` come together; the budget must parse as a size."""
+    auto = str(cfg.bits).strip().lower() == AUTO_BITS
+    if not auto:
+        if cfg.size_budget is not None:
+            raise UsageError(f"--size-budget needs --bits auto (it is the budget per-layer bits are chosen under; "
+                             f"got --bits {cfg.bits})")
+        return
+    cfg.bits = AUTO_BITS
+    if cfg.size_budget is None:
+        raise UsageError("--bits auto needs --size-budget, the byte budget of the weight layers, e.g. 20KB")
+    parse_size(cfg.size_budget, "size-budget")
+    if cfg.auto_bits_amplification not in AMPLIFICATIONS:
+        raise UsageError(f"--auto-bits-amplification {cfg.auto_bits_amplification!r}: use "
+                         f"{' or '.join(AMPLIFICATIONS)}")
+    if cfg.quant_method != "qat":
+        raise UsageError(f"--bits auto trains with --quant qat, not {cfg.quant_method}")
+    if getattr(cfg, "low_rank", None) is not None:  # the swap to factors renames the layers bits were chosen for
+        raise UsageError("--bits auto with --low-rank is not supported yet; choose uniform --bits")
 
 
 def _field_checks() -> dict[str, V.Check]:

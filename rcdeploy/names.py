@@ -19,6 +19,8 @@ OBJECTIVES.declare("none", "rcdeploy.train.objectives:natural", help="clean cros
 OBJECTIVES.declare("fgsm-rs", "rcdeploy.train.objectives:fgsm_rs", help="fast AT: one step from a random start")
 OBJECTIVES.declare("pgd", "rcdeploy.train.objectives:pgd", help="Madry et al.: PGD-K with a random start")
 OBJECTIVES.declare("trades", "rcdeploy.train.objectives:trades", help="TRADES: CE + beta * KL(clean || adversarial)")
+OBJECTIVES.declare("mixed", "rcdeploy.train.objectives:mixed",
+                   help="(1 - alpha) CE(clean) + alpha CE(PGD adversarial)")
 
 # Sparsity methods (rcdeploy.train.sparsity, rcdeploy.train.unstructured): `--sparsity`. Kind "channels"
 # removes whole channels (`--prune-channels`, `export --prune-channels`); "weights" zeroes single weights.
@@ -29,6 +31,8 @@ SPARSITY.declare("rgsm", "rcdeploy.train.sparsity:RGSM", kind=CHANNELS, help="re
 SPARSITY.declare("slimming", "rcdeploy.train.sparsity:Slimming", kind=CHANNELS, help="network slimming (L1 on BN)")
 SPARSITY.declare("rvsm", "rcdeploy.train.unstructured:RVSM", kind=WEIGHTS, help="relaxed variable splitting")
 SPARSITY.declare("admm", "rcdeploy.train.unstructured:ADMM", kind=WEIGHTS, help="ADMM to a weight budget")
+SPARSITY.declare("atmc", "rcdeploy.train.atmc:ATMC", kind=WEIGHTS,
+                 help="ATMC: one global weight budget + ADMM integer codebooks")
 
 # Weight quantization training methods: `--quant`. "qat" is the plain Brevitas forward (no extra object).
 QUANT_METHODS: Registry[Any] = Registry("quantization method", ordered=True)

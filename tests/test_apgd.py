@@ -81,15 +81,19 @@ def test_names_round_trip(spec: str) -> None:
 
 def test_autoattack_fast_preset_expands() -> None:
     names = [a.name for a in parse_attacks("autoattack-fast", eps=0.1)]
-    assert names == ["apgd-ce50", "apgd-t50", "square1000"]
+    assert names == ["apgd-ce50", "apgd-ce50@smooth", "apgd-t50", "square1000"]
+    assert [a.gradients for a in parse_attacks("autoattack-fast", eps=0.1)] == ["ste", "smooth", "ste", "ste"]
+    full = [a.name for a in parse_attacks("autoattack", eps=0.1)]
+    assert full == ["apgd-ce100", "apgd-ce100@smooth", "apgd-t100", "apgd-t100@smooth", "fab-t100", "fab-t100@smooth",
+                    "square5000"]
     assert [a.name for a in parse_attacks("fgsm, AutoAttack-Fast", eps=0.1)] == ["fgsm", *names]
     assert [a.name for a in parse_attacks("apgd-ce100,apgd-t100", eps=0.1)] == ["apgd-ce100", "apgd-t100"]
 
 
 @pytest.mark.parametrize("spec", ["apgd-xx", "apgd-xx5", "apgd-ce0", "apgd-ce", "apgd-t", "apgd5", "apgd-ce-5",
-                                  "autoattack-fast5", "autoattack"])
+                                  "autoattack-fast5", "autoattack5", "apgd-ce5@", "square5@ste5"])
 def test_bad_names_are_usage_errors(spec: str) -> None:
-    with pytest.raises(UsageError, match="apgd-ceN") as err:
+    with pytest.raises(UsageError, match="apgd-ceN|gradient source") as err:
         parse_attacks(spec, eps=0.1)
     assert "\n" not in str(err.value)
 

@@ -29,7 +29,7 @@ from rcdeploy.errors import UsageError
 
 EPS = 0.1  # digits pixels are 0..16 / 16; at 0.1 an undefended CNN loses about half its accuracy
 # One spec per registry family, few steps: the invariants hold for any budget.
-SPECS = ["fgsm", "ifgsm5", "pgd5", "cw5", "square40", "apgd-ce5", "apgd-t5"]
+SPECS = ["fgsm", "ifgsm5", "pgd5", "cw5", "square40", "apgd-ce5", "apgd-t5", "fab-t5"]
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_trained_model_is_good(trained, digits) -> None:
 def test_specs_cover_the_registry() -> None:
     families = {parse_attack(s, eps=EPS).family for s in SPECS}
     assert families == set(ATTACKS.names())
-    assert sorted(attack_names()) == ["apgd-ceN", "apgd-tN", "cwN", "fgsm", "ifgsmN", "pgdN", "squareN"]
+    assert sorted(attack_names()) == ["apgd-ceN", "apgd-tN", "cwN", "fab-tN", "fgsm", "ifgsmN", "pgdN", "squareN"]
 
 
 class ModeModel(nn.Module):

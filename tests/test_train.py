@@ -45,6 +45,26 @@ def test_short_run_writes_a_complete_run_folder(tmp_path):
     assert model(x).shape == (2, 10)
 
 
+def test_validation_by_an_attack_list_picks_best_on_val(tmp_path):
+    """val_attack may name APGD, a list or a preset: robust accuracy is per image the worst over them, on the
+    validation split (never test), and best.pt is the epoch with the highest such figure."""
+    result = fit(tiny_config(tmp_path, epochs=3, val_attack="apgd-ce5,square20"))
+    lines = [json.loads(s) for s in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["val_attack"] == "apgd-ce5,square20" for m in lines)
+    assert result.best["val_robust_acc"] == max(m["val_robust_acc"] for m in lines)
+    model, _ = load_model(result.run_dir / "best.pt")
+    from rcdeploy.data import load_dataset
+    from rcdeploy.train.loop import evaluate
+
+    val = load_dataset("digits").val
+    x, y = val.x[:64], val.y[:64]
+    eps = lines[0]["eps"]
+    both = evaluate(model, x, y, "apgd-ce5,square20", eps)
+    alone = [evaluate(model, x, y, name, eps)["robust_acc"] for name in ("apgd-ce5", "square20")]
+    assert both["robust_acc"] <= min(alone)  # the per-image worst case, not the mean of the two
+    assert both["robust_acc"] == pytest.approx(result.best["val_robust_acc"])  # best.pt is the epoch it says
+
+
 def _strip_times(history):
     return [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in history]
 
@@ -129,6 +149,8 @@ def _cli(argv, capsys):
     (["--bits", "9"], "not supported"),
     (["--sparsity", "nonesuch", "--prune-channels", "0.5"], "unknown"),
     (["--config", "no-such-recipe"], "not found"),
+    (["--val-attack", "apgd-xx"], "unknown attack 'apgd-xx'"),
+    (["--val-attack", "apgd-ce5@smooth"], "only bench has"),
 ])
 def test_bad_train_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     out = tmp_path / "runs"

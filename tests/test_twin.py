@@ -121,6 +121,33 @@ def test_straight_through_gradients(models: dict, data: tuple, variant: str) -> 
     assert grad_plain is None or (grad_plain == 0).all()
 
 
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_smooth_surrogate(models: dict, data: tuple, variant: str) -> None:
+    """The surrogate keeps the graph and the stored weights but drops activation rounding: a continuous
+    function close to the real one, with gradients that move images the real graph then misclassifies."""
+    path = models[variant]
+    x, y = torch.from_numpy(data[0][:128]), torch.from_numpy(data[1][:128])
+    twin, smooth = build_twin(path, isa="exact"), build_twin(path, smooth=True)
+    assert smooth.rounding == "smooth" and twin.rounding == "ste"
+    # Weights fold with the file's own rounding: every constant the two read is identical.
+    for name, attr in twin._const_attr.items():
+        torch.testing.assert_close(getattr(smooth, smooth._const_attr[name]), getattr(twin, attr), rtol=0, atol=0)
+    with torch.no_grad():
+        real, soft = twin(x), smooth(x)
+        # a nudge far below any quantization step (on random images: digits' k/16 pixels sit on rounding
+        # ties): the integer graph rarely sees it, the surrogate always does
+        u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+        assert (twin(u + 1e-6) != twin(u)).any(1).float().mean() < 0.2
+        assert (smooth(u + 1e-6) != smooth(u)).any(1).all()
+    assert (real.argmax(1) == soft.argmax(1)).float().mean() >= 0.95
+    assert (real - soft).abs().amax() < 0.25 * real.abs().amax()
+    # its gradients transfer: the real graph's accuracy collapses on the surrogate's adversarial images
+    x_adv = torch.from_numpy(sign_gradient_attack(smooth, data[0][:128], data[1][:128]))
+    assert (x_adv - x).abs().amax() <= 0.1 + 1e-6
+    with torch.no_grad():
+        assert (twin(x_adv).argmax(1) == y).float().mean() < (real.argmax(1) == y).float().mean() - 0.3
+
+
 def test_twin_takes_any_batch_size(models: dict, data: tuple) -> None:
     twin = build_twin(models["qdq_u8s8"])
     x = torch.from_numpy(data[0][:9])

@@ -66,6 +66,7 @@ def _schema() -> V.Check:
         "history": V.list_of(V.mapping({"epoch": V.integer(1)}, required=("epoch",)), max_len=100_000),
         "best": V.optional(V.mapping()),
         "eps": V.optional(V.number(0, 1)),
+        "bit_allocation": V.optional(V.mapping()),
     }, required=("model", "state_dict", "config", "dataset"))
 
 
@@ -150,6 +151,7 @@ class Checkpoint:
     sparsity_state: dict[str, Any] | None = None
     sparsity: dict[str, Any] | None = None
     plugins_state: dict[str, Any] = field(default_factory=dict)
+    bit_allocation: dict[str, Any] | None = None  # --bits auto: per-layer bits, norms, errors (train/auto_bits.py)
     rcdeploy: str | None = None  # version that wrote it
     path: Path | None = field(default=None, compare=False)  # where it was read from
 
@@ -160,7 +162,8 @@ class Checkpoint:
                 "state_dict": self.state_dict, "optimizer": self.optimizer, "sparsity_state": self.sparsity_state,
                 "sparsity": self.sparsity, "plugins_state": self.plugins_state, "config": self.config,
                 "dataset": self.dataset, "position": list(self.position), "partial_epoch": self.partial_epoch,
-                "history": self.history, "best": self.best, "metrics": self.metrics, "eps": self.eps}
+                "history": self.history, "best": self.best, "metrics": self.metrics, "eps": self.eps,
+                "bit_allocation": self.bit_allocation}
 
     def save(self, path: str | Path) -> None:
         atomic_save(self.to_dict(), path)

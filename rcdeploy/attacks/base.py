@@ -83,6 +83,8 @@ class Attack:
     counted: bool = True
     #: Whether the constructor takes a `step` (ifgsm, pgd, cw) or sets its own (square, apgd).
     uses_step: bool = True
+    #: Whether the attack queries outputs only (square): then it has no gradient source to choose.
+    black_box: bool = False
 
     def __init__(
         self,
@@ -108,6 +110,10 @@ class Attack:
         self.restarts = int(restarts)
         self.eot = int(eot)
         self.seed = seed
+        # Which model the caller hands the attack (GRADIENT_SOURCES): "ste", the straight-through twin
+        # of the graph, or "smooth", its rounding-free surrogate. The attack itself is the same; the
+        # name carries the choice (`apgd-ce100@smooth`) so reports and presets can tell them apart.
+        self.gradients = "ste"
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # -- what a subclass writes ---------------------------------------------------------------
@@ -122,8 +128,9 @@ class Attack:
     # -- the public call -----------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """The spec this attack parses from, e.g. `pgd10` (for reports and round trips)."""
-        return f"{self.family}{self.steps}" if self.counted else self.family
+        """The spec this attack parses from, e.g. `pgd10` or `apgd-ce100@smooth` (reports, round trips)."""
+        base = f"{self.family}{self.steps}" if self.counted else self.family
+        return base if self.gradients == "ste" else f"{base}@{self.gradients}"
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, for reports."""
@@ -136,10 +143,11 @@ class Attack:
             "restarts": self.restarts,
             "eot": self.eot,
             "seed": self.seed,
+            "gradients": "none (output queries)" if self.black_box else self.gradients,
         }
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k not in ("name", "family"))
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k not in ("name", "family", "gradients"))
         return f"{type(self).__name__}({args})"
 
     def attack(self, model: Model, x: Tensor, y: Tensor) -> Tensor:

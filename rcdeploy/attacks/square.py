@@ -46,6 +46,7 @@ class Square(Attack):
 
     family = "square"
     uses_step = False
+    black_box = True
 
     def __init__(
         self,

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_SAMPLES",
     "REPORT_FORMAT",
     "bench_model",
+    "first_broken_by",
     "gradient_masking_flags",
     "parse_batch_sizes",
     "read_sidecar",
@@ -215,27 +216,39 @@ def _noise_pct(acc_pct: float, n: int) -> float:
     return max(100.0 / n, 200.0 * math.sqrt(p * (1 - p) / n))
 
 
-def gradient_masking_flags(robust: list[dict[str, Any]], samples: int) -> list[str]:
-    """Warnings of likely gradient masking from per-attack results (`family`, `name`, `robust_acc_pct`).
+_ONE_STEP = ("fgsm",)
+_ITERATIVE = ("ifgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t")
 
-    - a black-box attack (square) beats every white-box one by more than noise;
-    - a one-step attack (fgsm) beats an iterative one (ifgsm, pgd) by more than noise.
-    Noise is two binomial standard errors (at least one image) of the better white-box figure.
+
+def _source(row: dict[str, Any]) -> str:
+    """A report row's gradient source: "queries" (black box), "ste" or "smooth" (older rows: by family)."""
+    return row.get("gradient_source") or ("queries" if row["family"] == "square" else "ste")
+
+
+def gradient_masking_flags(robust: list[dict[str, Any]], samples: int) -> list[str]:
+    """Warnings of likely gradient masking from per-attack results (`family`, `name`, `robust_acc_pct`,
+    optionally `gradient_source`).
+
+    - a black-box attack (square) or an attack on the smooth surrogate (`@smooth`) beats every
+      straight-through white-box attack by more than noise: the straight-through gradients are masked;
+    - a one-step attack (fgsm) beats an iterative one by more than noise.
+    Noise is two binomial standard errors (at least one image) of the better straight-through figure.
     """
     flags: list[str] = []
-    white = [r for r in robust if r["family"] in ("fgsm", "ifgsm", "pgd", "cw")]
-    black = [r for r in robust if r["family"] == "square"]
-    if white and black:
+    white = [r for r in robust if _source(r) == "ste" and r["family"] in _ONE_STEP + _ITERATIVE]
+    others = [r for r in robust if _source(r) in ("queries", "smooth")]
+    if white:
         best_white = min(white, key=lambda r: r["robust_acc_pct"])
         tol = _noise_pct(best_white["robust_acc_pct"], samples)
-        for r in black:
+        for r in others:
             gap = best_white["robust_acc_pct"] - r["robust_acc_pct"]
             if gap > tol:
-                flags.append(f"likely gradient masking: black-box {r['name']} ({r['robust_acc_pct']:.1f}%) beats the "
-                             f"best white-box attack {best_white['name']} ({best_white['robust_acc_pct']:.1f}%) by "
-                             f"{gap:.1f} points (noise {tol:.1f})")
-    for one in (r for r in robust if r["family"] == "fgsm"):
-        for it in (r for r in robust if r["family"] in ("ifgsm", "pgd")):
+                kind = "black-box" if _source(r) == "queries" else "smooth-surrogate"
+                flags.append(f"likely gradient masking: {kind} {r['name']} ({r['robust_acc_pct']:.1f}%) beats the "
+                             f"best straight-through attack {best_white['name']} ({best_white['robust_acc_pct']:.1f}%)"
+                             f" by {gap:.1f} points (noise {tol:.1f})")
+    for one in (r for r in robust if r["family"] in _ONE_STEP):
+        for it in (r for r in robust if r["family"] in _ITERATIVE and _source(r) == _source(one)):
             gap = it["robust_acc_pct"] - one["robust_acc_pct"]
             tol = _noise_pct(it["robust_acc_pct"], samples)
             if gap > tol:
@@ -243,6 +256,26 @@ def gradient_masking_flags(robust: list[dict[str, Any]], samples: int) -> list[s
                              f"iterative {it['name']} ({it['robust_acc_pct']:.1f}%) by {gap:.1f} points "
                              f"(noise {tol:.1f})")
     return flags
+
+
+def first_broken_by(worst: WorstCase) -> dict[str, Any]:
+    """Per image, the first of clean and the attacks (in run order) that reached its worst score.
+
+    `first`: images credited to each name ("clean": already wrong without an attack; "robust": no attack
+    lowered the score); `only`: images no other attack brought as low (what dropping that attack would
+    lose). With noise draws a score is a fraction and "reached" means equal to the image's minimum.
+    """
+    scores = np.stack(worst.scores)  # [1 + attacks, N]
+    low = scores.min(0)
+    first_idx = (scores == low[None]).argmax(0)
+    hurt = low < 1.0
+    names = worst.names
+    first = {name: int(((first_idx == i) & hurt).sum()) for i, name in enumerate(names)}
+    first["robust"] = int((~hurt).sum())
+    reached = scores[1:] == low[None]
+    unique = reached.sum(0) == 1
+    only = {name: int((reached[i] & unique & hurt & (scores[0] > low)).sum()) for i, name in enumerate(names[1:])}
+    return {"order": names, "first": first, "only": only, "images": int(scores.shape[1])}
 
 
 class _ProgressSink:
@@ -535,6 +568,7 @@ class Scorer:
         self.classes = 0  # logits per image, set when the clean images are scored
         self.clean_preds = np.empty((0, 0), dtype=np.int64)  # [draws, N] top-1 on clean images
         self.attack_list: list[Any] = []  # the attacks run, set by run_attacks
+        self._surrogate: Any = None  # the smooth surrogate, built when an `@smooth` attack first needs it
 
     @classmethod
     def open(cls, s: BenchSettings, images: BenchImages) -> Scorer:
@@ -544,6 +578,9 @@ class Scorer:
         draws = s.eot if stochastic else 1
         if s.eot > 1 and not stochastic:
             s.notes.append(f"--eot {s.eot} ignored: the graph has no random ops, one draw is exact")
+        if stochastic and s.eot == 1:  # RobustBench's rule for randomized defenses: expectation over draws
+            s.notes.append("the graph draws noise and --eot is 1: attacks step on one draw's gradient and every "
+                           "accuracy is one draw; pass --eot N (e.g. 20) for EOT figures")
         pixels = int(np.prod(images.x.shape[1:]))
         work_threads = s.threads if s.threads is not None else (1 if pixels <= TINY_PIXELS else None)
         # Scoring uses every core whatever the target (mobile's one thread is a latency setting only).
@@ -576,6 +613,19 @@ class Scorer:
         from rcdeploy.runtime.session import run_logits
 
         return torch.from_numpy(run_logits(self.session, x.detach().cpu().numpy(), batch_size=EVAL_BATCH))
+
+    def gradient_model(self, atk: Any) -> Any:
+        """The model an attack is handed: the runtime's outputs (black box), the straight-through twin,
+        or the smooth surrogate of the same graph (`@smooth`)."""
+        if atk.black_box:
+            return self.black_box
+        if atk.gradients != "smooth":
+            return self.twin
+        if self._surrogate is None:
+            from rcdeploy.deploy.twin import build_twin
+
+            self._surrogate = build_twin(self.s.proto, ste=True, noise=True, smooth=True)
+        return self._surrogate
 
     def twin_agreement(self, x: Any, runtime_preds: np.ndarray) -> np.ndarray:
         return _twin_preds(self.twin, x) == runtime_preds
@@ -660,6 +710,7 @@ def run_attacks(s: BenchSettings, images: BenchImages, scorer: Scorer, accuracy:
     if robust:
         accuracy["worst_case_acc_pct"] = _pct(worst.worst.mean())
         accuracy["worst_case_over"] = worst.names
+        accuracy["first_broken_by"] = first_broken_by(worst)
     accuracy["twin"] = twin_info
     accuracy["flags"] = flags
 
@@ -685,15 +736,16 @@ def _twin_clean_agreement(s: BenchSettings, images: BenchImages, scorer: Scorer,
 def _one_attack(s: BenchSettings, images: BenchImages, scorer: Scorer, atk: Any,
                 sink: _ProgressSink) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
     """Craft (twin gradients, or runtime queries for Square), score on the runtime: the report row."""
-    box = atk.family == "square"
-    update = sink.task(f"{atk.name} ({s.runtime if box else 'twin gradients'})", images.n)
-    made = craft(atk, scorer.black_box if box else scorer.twin, images.x, images.y, ATTACK_BATCH,
+    box = atk.black_box
+    source = "queries" if box else atk.gradients
+    update = sink.task(f"{atk.name} ({_SOURCE_LABELS[source].format(runtime=s.runtime)})", images.n)
+    made = craft(atk, scorer.gradient_model(atk), images.x, images.y, ATTACK_BATCH,
                  on_batch=lambda k: update(advance=k))
     y_np = images.y.numpy()
     preds, _ = scorer.preds(made.x_adv.numpy())
     score = (preds == y_np[None]).mean(0)
-    row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradients":
-           f"none ({s.runtime} queries)" if box else "differentiable twin, straight-through rounding",
+    row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradient_source": source,
+           "gradients": _GRADIENT_TEXT[source].format(runtime=s.runtime),
            "robust_acc_pct": _pct(score.mean()),
            "robust_acc_draws_pct": [_pct((p == y_np).mean()) for p in preds],
            "max_perturbation": made.max_perturbation, "eps": atk.eps, "within_eps": bool(made.within_eps),
@@ -707,6 +759,11 @@ def _one_attack(s: BenchSettings, images: BenchImages, scorer: Scorer, atk: Any,
         agree = scorer.twin_agreement(made.x_adv, scorer.runtime_preds(made.x_adv.numpy(), preds))
         row["twin_agreement_pct"] = _pct(agree.mean())
     return row, score, agree
+
+
+_SOURCE_LABELS = {"queries": "{runtime}", "ste": "twin gradients", "smooth": "smooth surrogate gradients"}
+_GRADIENT_TEXT = {"queries": "none ({runtime} queries)", "ste": "differentiable twin, straight-through rounding",
+                  "smooth": "smooth surrogate (the graph without rounding), images scored on {runtime}"}
 
 
 def _agreement_flags(s: BenchSettings, scorer: Scorer, twin_info: dict[str, Any]) -> list[str]:

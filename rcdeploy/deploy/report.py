@@ -152,23 +152,30 @@ def _render_latency(lat: dict[str, Any], console: Any) -> None:
 def _render_accuracy(acc: dict[str, Any], s: dict[str, Any], console: Any) -> None:
     twin = acc.get("twin") or {}
     scorer = s.get("scored_by") or "onnxruntime on the file"
+    broken = acc.get("first_broken_by") or {}
+    first, only = broken.get("first", {}), broken.get("only", {})
     t = _table(title=f"accuracy, scored by {scorer}")
-    for col in ("images", "accuracy", "twin agrees", "max|dx| / eps", "valid", "time s"):
+    for col in ("images", "accuracy", "twin", "max|dx|/eps", "valid", "s", "1st/only"):
         t.add_column(col, justify="right" if col != "images" else "left", no_wrap=True)
-    t.add_row("clean", _pct(acc.get("clean_acc_pct")), _pct(twin.get("clean_agreement_pct")), "-", "-", "-")
+    t.add_row("clean", _pct(acc.get("clean_acc_pct")), _pct(twin.get("clean_agreement_pct")), "-", "-", "-",
+              _count(first.get("clean")))
     for r in acc.get("robust", []):
         ok = r.get("within_eps") and r.get("in_unit_range")
         label = r["name"] + (" (no grad)" if r.get("family") == "square" else "")
+        credit = f"{_count(first.get(r['name']))}/{_count(only.get(r['name']))}" if first else "-"
         t.add_row(label, _pct(r["robust_acc_pct"]), _pct(r.get("twin_agreement_pct")),
-                  f"{r['max_perturbation']:.4g} / {fmt_eps(r['eps'])}", "yes" if ok else "[red]NO[/]",
-                  f"{r['time_s']:.1f}")
+                  f"{r['max_perturbation']:.3g}/{fmt_eps(r['eps'])}", "yes" if ok else "[red]NO[/]",
+                  f"{r['time_s']:.1f}", credit)
     if acc.get("worst_case_acc_pct") is not None:
         t.add_row("[bold]worst case[/]", f"[bold]{_pct(acc['worst_case_acc_pct'])}[/]",
-                  _pct(twin.get("adversarial_agreement_pct")), "", "", "")
+                  _pct(twin.get("adversarial_agreement_pct")), "", "", "",
+                  f"{_count(first.get('robust'))} held" if first else "")
     console.print(t)
-    console.print(f"[dim]twin agrees: top-1 of the differentiable twin = {s.get('runtime') or 'onnxruntime'}'s on "
+    console.print(f"[dim]twin: top-1 agreement of the differentiable twin with {s.get('runtime') or 'onnxruntime'} on "
                   "this CPU; max|dx|: max |x_adv - x|; valid: every adversarial image within eps of its original "
-                  "and in [0, 1][/]")
+                  "and in [0, 1]; s: attack seconds; 1st/only: images this attack was the first (in run order) to "
+                  "bring to their worst score / that no other attack brought as low; @smooth: gradients of the smooth "
+                  "surrogate, images scored on the file[/]")
 
 
 def _as_report(report: BenchReport | dict[str, Any]) -> BenchReport:

@@ -89,24 +89,47 @@ def heldout_images(data: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    from rcdeploy.export.verify import torch_logits
+    """Held-out accuracy; a stochastic model draws its noise from a fixed seed, so two calls (before and
+    after PTQ) compare on the same draws."""
+    from rcdeploy.export.verify import torch_draws
 
-    return float((torch.from_numpy(torch_logits(model, x)).argmax(1) == y).float().mean())
+    return float((torch.from_numpy(torch_draws(model, x, 1)[0]).argmax(1) == y).float().mean())
+
+
+def _noise_info(model: nn.Module) -> dict[str, float]:
+    """Noise-injection modules (class name ending in 'Noise') that are on: module name -> coefficient."""
+    from rcdeploy.export.qdq import is_noise_module
+
+    return {n: float(getattr(m, "coeff", float("nan"))) for n, m in model.named_modules()
+            if is_noise_module(m) and getattr(m, "enabled", True) and getattr(m, "coeff", 1) != 0}
 
 
 def _strip_noise(model: nn.Module, noise: bool) -> tuple[nn.Module, list[str]]:
-    """Noise-injection modules (class name ending in 'Noise'): the integer graph is deterministic."""
-    names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Noise")]
-    if not names:
+    """Noise-injection modules (class name ending in 'Noise'): kept (`noise`: the exported graphs draw it,
+    as in training), or replaced by Identity (`--no-noise`: a deterministic graph). Returns the removed."""
+    from rcdeploy.export.qdq import is_noise_module
+
+    names = [n for n, m in model.named_modules() if is_noise_module(m)]
+    if not names or noise:
         return model, []
-    if noise:
-        raise UsageError(f"the model injects noise ({', '.join(names[:3])}); the exported graphs are "
-                         "deterministic: pass --no-noise to export it without the noise")
     from rcdeploy.quant.spec import set_module
 
     for n in names:
         set_module(model, n, nn.Identity())
     return model, names
+
+
+def _noise_card(kept: dict[str, float], removed: list[str], coeffs: dict[str, float]) -> dict[str, Any] | None:
+    """The model card's `noise` section: whether the graph is stochastic, and the noise it draws."""
+    if not kept and not removed:
+        return None
+    values = sorted(set((kept or coeffs).values()))
+    return {"stochastic": bool(kept), "kind": "feynman-kac",
+            "formula": "x + coefficient * std(x per image, Bessel-corrected) * RandomNormalLike(x)",
+            "coefficient": values[0] if len(values) == 1 else values, "modules": len(kept) or len(removed),
+            "onnx_op": "RandomNormalLike" if kept else None,
+            "removed": bool(removed), "evaluation": "EOT: average over draws (rcdeploy bench --eot N)" if kept
+            else "deterministic: exported with --no-noise"}
 
 
 def _shrink(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
@@ -260,6 +283,7 @@ def load(job: ExportJob) -> tuple[Checkpoint, Any, _Built]:
     model = ckpt.build_model()
     if ckpt.dataset_name is None or ckpt.input_shape is None:
         raise UsageError(f"{job.checkpoint}: the checkpoint names no dataset; re-train it with `rcdeploy train`")
+    coeffs = _noise_info(model)
     model, noise_removed = _strip_noise(model, job.noise)
     data = load_dataset(ckpt.dataset_name, job.data_dir if job.data_dir is not None else ckpt.data_dir)
     if tuple(data.meta.shape) != ckpt.input_shape:
@@ -271,6 +295,15 @@ def load(job: ExportJob) -> tuple[Checkpoint, Any, _Built]:
     built = _Built(model=model, x_ver=x_ver, y_ver=y_ver, summary=summary)
     if noise_removed:
         built.notes.append(f"noise injection removed for export: {', '.join(noise_removed)}")
+    kept = _noise_info(model)
+    noise = _noise_card(kept, noise_removed, coeffs)
+    if noise:
+        built.info["noise"] = noise
+        summary["noise"] = noise
+    if kept:
+        built.notes.append(f"stochastic graph: {len(kept)} noise module(s) draw RandomNormalLike noise on every run, "
+                           "as in training; score it with EOT (rcdeploy bench --eot N), or export with --no-noise "
+                           "for a deterministic file")
     return ckpt, data, built
 
 
@@ -289,6 +322,9 @@ def transform(job: ExportJob, ckpt: Checkpoint, data: Any, built: _Built) -> Non
     want = parse_bits(job.bits)
     if want == FLOAT:
         raise UsageError("--bits float gives no integer model; export at the trained bits (omit --bits)")
+    if ckpt.bit_allocation:  # per-layer bits pin every layer: a uniform --bits would change none of them
+        raise UsageError(f"--bits {job.bits}: this checkpoint's bits were chosen per layer (--bits auto); export it "
+                         "at those bits (omit --bits)")
     if trained_bits != FLOAT and want > trained_bits:
         raise UsageError(f"--bits {want} is above the {trained_bits} bits the model was trained with; omit --bits "
                          "to export at the trained bits, or train at the wider width")
@@ -320,7 +356,7 @@ def _requantize(ckpt: Checkpoint, data: Any, built: _Built, want: int) -> None:
 def write_integer(job: ExportJob, built: _Built) -> None:
     """The QDQ graph (qdq, and the .ort conversion of it): int16 proof, verification, kernel checks."""
     from rcdeploy.export.qdq import build_qdq, bytes_by_dtype
-    from rcdeploy.export.verify import kernel_report, verify_onnx
+    from rcdeploy.export.verify import kernel_report, verify_onnx, verify_stochastic_onnx
 
     ex = build_qdq(built.model, ckpt_shape(built), storage=job.storage, doc=f"rcdeploy export of {job.checkpoint}")
     built.integer = ex
@@ -328,8 +364,9 @@ def write_integer(job: ExportJob, built: _Built) -> None:
     # The static int16 proof first: it holds for every CPU, where the comparison below speaks for this one.
     kernels = kernel_report(qdq_bytes, ex.layer_macs)
     _require_saturation_free(kernels["int16_pairs"])
-    built.summary["verification"] = verify_onnx(qdq_bytes, built.model, built.x_ver, built.y_ver,
-                                                logit_step=ex.logit_step)
+    # A stochastic graph: exact with the noise off, then by distribution (EOT means) with it on.
+    verify = verify_stochastic_onnx if ex.stochastic else verify_onnx
+    built.summary["verification"] = verify(qdq_bytes, built.model, built.x_ver, built.y_ver, logit_step=ex.logit_step)
     _check_plain_int4(ex, qdq_bytes, kernels, built.notes)
     built.summary["kernels"] = kernels
     if job.runtime == "openvino":
@@ -370,8 +407,17 @@ def _check_plain_int4(ex: Any, qdq_bytes: bytes, kernels: dict[str, Any], notes:
 
 def _openvino_check(ex: Any, built: _Built) -> None:
     summary = built.summary
-    summary["openvino_verification"], summary["openvino_int8_layers"] = _verify_in_openvino(
-        ex.model, built.model, built.x_ver, ex.logit_step)
+    if ex.stochastic:  # checked exactly with the noise off (noise at its expectation in the graph)
+        from rcdeploy.export.verify import noise_at_expectation
+        from rcdeploy.models.enresnet import noise_disabled
+
+        with noise_disabled(built.model):
+            summary["openvino_verification"], summary["openvino_int8_layers"] = _verify_in_openvino(
+                noise_at_expectation(ex.model), built.model, built.x_ver, ex.logit_step)
+        summary["openvino_verification"]["noise"] = "off (RandomNormalLike at its expectation)"
+    else:
+        summary["openvino_verification"], summary["openvino_int8_layers"] = _verify_in_openvino(
+            ex.model, built.model, built.x_ver, ex.logit_step)
     floats = summary["openvino_int8_layers"]["float"]
     if floats:
         built.notes.append(f"OpenVINO runs {len(floats)} of {summary['openvino_int8_layers']['layers']} conv/matmul "
@@ -382,17 +428,24 @@ def _openvino_check(ex: Any, built: _Built) -> None:
 def write_ort(job: ExportJob, built: _Built, qdq_bytes: bytes) -> None:
     """The .ort file (mobile, reduced build config), checked in onnxruntime against the PyTorch model."""
     from rcdeploy.export.ort_format import check_ort_format, to_ort_format
-    from rcdeploy.export.verify import compare_logits, judge, torch_logits
+    from rcdeploy.export.verify import check_distribution, compare_logits, judge, torch_logits
     from rcdeploy.runtime.session import run_logits
 
     ort_bytes, ort_config = to_ort_format(qdq_bytes, job.paths["ort"].name)
     session = check_ort_format(ort_bytes)
     xo = built.x_ver[:ORT_CHECK_IMAGES]
-    ort_check = compare_logits(torch_logits(built.model, xo), run_logits(session, xo.numpy()),
-                               built.integer.logit_step)
-    failure = judge(ort_check)
-    if failure:
-        raise VerificationError(f"the .ort file: {failure}; nothing was written")
+    if built.integer.stochastic:  # the noise is inside the .ort file: judged by distribution
+        try:
+            ort_check = check_distribution(lambda a: run_logits(session, a), built.model, xo, built.y_ver[:len(xo)],
+                                           logit_step=built.integer.logit_step)
+        except VerificationError as e:
+            raise VerificationError(f"the .ort file: {e}") from None
+    else:
+        ort_check = compare_logits(torch_logits(built.model, xo), run_logits(session, xo.numpy()),
+                                   built.integer.logit_step)
+        failure = judge(ort_check)
+        if failure:
+            raise VerificationError(f"the .ort file: {failure}; nothing was written")
     built.summary["ort_verification"] = ort_check
     built.files[job.paths["ort"]] = ort_bytes
     built.files[job.paths["ort_config"]] = ort_config.encode()
@@ -403,11 +456,22 @@ def write_ort(job: ExportJob, built: _Built, qdq_bytes: bytes) -> None:
 def write_qonnx(job: ExportJob, built: _Built) -> None:
     """The QONNX graph (FINN / FPGA tool flows), checked with qonnx's own executor."""
     from rcdeploy.export.qonnx_export import check_qonnx, export_qonnx_bytes
+    from rcdeploy.models.enresnet import noise_disabled
 
-    qonnx_bytes = export_qonnx_bytes(built.model, ckpt_shape(built))
-    built.summary["qonnx_verification"] = check_qonnx(qonnx_bytes, built.model, built.x_ver[:QONNX_CHECK_IMAGES])
+    noisy = bool(_noise_info(built.model))
+    # QONNX cannot carry the noise: FINN compiles no random op, and qonnx's executor cannot even run the
+    # RandomNormalLike and dynamic Reshape that torch's exporter writes for it (no static shapes). So the
+    # QONNX file is the network with the noise off, checked against PyTorch with the noise off, and says so.
+    with noise_disabled(built.model):
+        qonnx_bytes = export_qonnx_bytes(built.model, ckpt_shape(built))
+        built.summary["qonnx_verification"] = check_qonnx(qonnx_bytes, built.model, built.x_ver[:QONNX_CHECK_IMAGES])
+    if noisy:
+        built.summary["qonnx_verification"]["noise"] = "off: the QONNX file is deterministic"
+        built.notes.append(f"the QONNX file {job.paths['qonnx'].name} has no noise (QONNX / FINN flows have no "
+                           "random op): it is the network with the noise off; the integer file carries the noise")
     built.files[job.paths["qonnx"]] = qonnx_bytes
-    built.info.setdefault("files", {})[job.paths["qonnx"].name] = {"format": "qonnx", "bytes": len(qonnx_bytes)}
+    built.info.setdefault("files", {})[job.paths["qonnx"].name] = {
+        "format": "qonnx", "bytes": len(qonnx_bytes), **({"noise": "off"} if noisy else {})}
 
 
 # Export formats: writer -> (the --format names it serves, the writer). The single source of format names.
@@ -445,7 +509,12 @@ def write_card(job: ExportJob, ckpt: Checkpoint, built: _Built) -> ModelCard:
         "ptq": summary.get("ptq"),
         "notes": built.notes,
     })
-    card = sidecar.build_card(ckpt, info)
+    from rcdeploy.models.tucker import low_rank_report
+
+    low_rank = low_rank_report(built.model, layers, (ckpt.model.get("kwargs") or {}).get("low_rank"))
+    if low_rank is not None:  # CSTAR: factorized layers' ranks, params and MACs against their dense originals
+        info["low_rank"] = summary["low_rank"] = low_rank
+    card = sidecar.build_card(ckpt, info, built.integer.model if built.integer is not None else None)
     built.files[job.paths["sidecar"]] = card.text().encode()
     atomic_write_files(built.files)
     summary["files"] = {str(p): len(b) for p, b in built.files.items()}
@@ -495,9 +564,16 @@ def render_summary(summary: dict[str, Any], console: Any) -> None:
 
         console.print(ShrinkReport.from_dict(summary["pruning"]).to_table())
     ver = summary.get("verification")
+    stochastic = ver.get("mode") == "stochastic" if ver else False
+    if stochastic:
+        console.print(f"stochastic graph, verified by distribution: {ver['draws']} noise draws of {ver['samples']} "
+                      f"held-out images; EOT accuracy onnx {ver.get('onnx_accuracy', float('nan')):.2%} / torch "
+                      f"{ver.get('torch_accuracy', float('nan')):.2%}, per-draw logit spread ratio {ver['spread_ratio']:.2f}")
+        ver = ver.get("noise_off")  # and exactly, with the noise off on both sides
     if ver:
         steps = ver.get("max_abs_logit_diff_steps")
-        console.print(f"verified on {ver['samples']} held-out images: top-1 agreement {ver['top1_agreement']:.2%}, "
+        console.print(("noise off: " if stochastic else "")
+                      + f"verified on {ver['samples']} held-out images: top-1 agreement {ver['top1_agreement']:.2%}, "
                       f"max |logit diff| {ver['max_abs_logit_diff']:.4g}"
                       + (f" ({steps:.1f} feature steps)" if steps is not None else "")
                       + (f", accuracy onnx {ver['onnx_accuracy']:.2%} / torch {ver['torch_accuracy']:.2%}"

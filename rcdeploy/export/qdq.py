@@ -32,6 +32,11 @@ and still runs int8 kernels in plain onnxruntime, no special loader needed. (An 
 read by DequantizeLinear directly is *not* fused: onnxruntime dequantizes it and runs a float Conv.)
 `storage="int8"` stores the int8 values instead, for readers without INT4 support.
 
+Noise injection (EnResNet's `FeynmanKacNoise`, any module whose class name ends in 'Noise' and has a
+`coeff`) is written as it runs in training, in float between the Add it follows and the Q after it:
+x + coeff * std(x per image, Bessel-corrected) * RandomNormalLike(x). Only ReduceSum / Mul / Sub / Sqrt /
+Add / RandomNormalLike: the integer kernels around it fuse as before, and the file is stochastic.
+
 Which ops a module becomes is its layer rule's `emit` (`rcdeploy.models.layer_rules`, shared with the
 channel tracer and shrink); the rule asks this writer for the Q/DQ pairs, weight forms and folds.
 """
@@ -52,7 +57,7 @@ from torch import fx, nn
 
 from rcdeploy.errors import UsageError
 from rcdeploy.models.layer_rules import WeightRule, no_integer_mapping, rule_for
-from rcdeploy.models.trace import trace
+from rcdeploy.models.trace import QuantTracer
 from rcdeploy.quant.presets import FLOAT
 from rcdeploy.quant.spec import layer_bits
 from rcdeploy.runtime.u8s8 import SAFE_WEIGHT, worst_pair_sums
@@ -101,6 +106,12 @@ class QDQExport:
     act_quantizers: dict[str, dict[str, Any]]  # module name -> bits, signed, scale, zero point
     logit_step: float  # change of a logit when one pooled feature moves one step through the largest weight
     float_affine_ops: list[str] = field(default_factory=list)  # BatchNorms that could not be folded
+    noise: dict[str, float] = field(default_factory=dict)  # noise modules written (name -> coefficient)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the graph draws noise (RandomNormalLike) on every run."""
+        return bool(self.noise)
 
     def to_bytes(self) -> bytes:
         return self.model.SerializeToString()
@@ -109,6 +120,23 @@ class QDQExport:
     def layer_macs(self) -> dict[str, int]:
         """MACs per image of each Conv/Gemm node, by ONNX node name (for `verify.kernel_report`)."""
         return {layer.onnx_node: layer.macs for layer in self.layers}
+
+
+def is_noise_module(m: nn.Module) -> bool:
+    """Noise injection (EnResNet's FeynmanKacNoise): by the class-name suffix `rcdeploy export` has always used."""
+    return type(m).__name__.endswith("Noise")
+
+
+class _ExportTracer(QuantTracer):
+    """The shared tracer, with noise modules kept as leaves: channel tracing must not see them (they
+    return x for a Proxy), the integer writer must."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_noise_module(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_for_export(model: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(model, _ExportTracer().trace(model))
 
 
 # -- values flowing through the fx graph ---------------------------------------------------------
@@ -309,7 +337,8 @@ class _Writer:
         self.acts: dict[str, dict[str, Any]] = {}
         self.float_affine: list[str] = []
         self.logit_step = float("nan")
-        self.out_shapes: dict[str, tuple[int, ...]] = {}
+        self.out_shapes: dict[str, tuple[int, ...]] = {}  # weight layers' outputs, noise modules' inputs
+        self.noise_modules: dict[str, float] = {}  # noise written into the graph: module name -> coefficient
 
     # -- materialization -------------------------------------------------------------------------
     def emit_linear(self, p: _Pending, out_q: tuple[float, int, int] | None, out_name: str | None = None
@@ -409,10 +438,43 @@ class _Writer:
     def module_node(self, node: fx.Node, m: nn.Module, env: dict) -> Any:
         name = str(node.target)
         args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
+        if is_noise_module(m):
+            return self.noise(name, m, args[0])
         rule = rule_for(m)
         if rule is None:
             raise no_integer_mapping(name, m)
         return rule.emit(self, name, m, args[0] if args else None, len(node.users))
+
+    def noise(self, name: str, m: nn.Module, x: Any) -> Any:
+        """x + coeff * std(x per image) * N(0, 1) in float ops, as `FeynmanKacNoise.forward` computes it.
+
+        The std is written as sums (ReduceSum, Sub, Mul, Sqrt) with torch.std's Bessel correction; a shrunk
+        module (`stat_channels` above its channel count) counts the removed channels as zeros, as its
+        forward does. coeff^2 / (n - 1) is one constant under the Sqrt: sqrt(ss * c^2/(n-1)) = c * std.
+        """
+        coeff = getattr(m, "coeff", None)
+        if not isinstance(coeff, (int, float)) or not isinstance(getattr(m, "enabled", None), bool):
+            raise UsageError(f"noise module {name} ({type(m).__name__}) has no integer-ONNX mapping; export it "
+                             "with --no-noise")
+        if not m.enabled or coeff == 0:
+            return x
+        shape = self.out_shapes[name]
+        self.noise_modules[name] = float(coeff)
+        b = self.b
+        per_channel = int(np.prod(shape[2:], dtype=np.int64))
+        channels = max(int(shape[1]), int(getattr(m, "stat_channels", None) or 0))
+        n = channels * per_channel
+        missing = (channels - int(shape[1])) * per_channel
+        f = self.as_float(x, name).name
+        axes = b.init("ax", np.arange(1, len(shape), dtype=np.int64))
+        mean = b.node("Mul", [b.node("ReduceSum", [f, axes], keepdims=1), b.scalar(1.0 / n, np.float32)])
+        d = b.node("Sub", [f, mean])
+        ss = b.node("ReduceSum", [b.node("Mul", [d, d]), axes], keepdims=1)
+        if missing:  # the removed channels' zeros: each adds (0 - mean)^2
+            ss = b.node("Add", [ss, b.node("Mul", [b.node("Mul", [mean, mean]), b.scalar(missing, np.float32)])])
+        sigma = b.node("Sqrt", [b.node("Mul", [ss, b.scalar(coeff * coeff / max(n - 1, 1), np.float32)])])
+        draw = b.node("RandomNormalLike", [f], name, dtype=TensorProto.FLOAT, mean=0.0, scale=1.0)
+        return _Float(b.node("Add", [f, b.node("Mul", [sigma, draw])], f"{name}.add"))
 
     # -- what a layer rule may write (the `IntegerGraph` protocol) ----------------------------------
     def is_quantized(self, x: Any) -> bool:
@@ -491,13 +553,17 @@ class _Writer:
 
 
 def _output_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
-    """Output shape of every conv/linear for one image (for MAC counts)."""
+    """Output shape of every conv/linear for one image (for MAC counts), and the input shape of every
+    noise module (the count its std divides by)."""
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, m in model.named_modules():
         if isinstance(rule_for(m), WeightRule):
             hooks.append(m.register_forward_hook(
                 lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(torch.as_tensor(out).shape))))
+        elif is_noise_module(m):
+            hooks.append(m.register_forward_pre_hook(
+                lambda _m, inputs, name=name: shapes.__setitem__(name, tuple(inputs[0].shape))))
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -517,7 +583,7 @@ def build_qdq(model: nn.Module, input_shape: tuple[int, int, int], *, storage: s
     writer = _Writer(model, storage)
     writer.out_shapes = _output_shapes(model, input_shape)
     try:
-        gm = trace(model)
+        gm = _trace_for_export(model)
     except Exception as e:  # fx raises many types on data-dependent control flow
         raise UsageError(f"the model cannot be traced for export ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                          "use --format qonnx") from None
@@ -534,7 +600,8 @@ def build_qdq(model: nn.Module, input_shape: tuple[int, int, int], *, storage: s
         onnx.checker.check_model(onnx_model)
     except onnx.checker.ValidationError as e:  # a writer bug, not a user error
         raise RuntimeError(f"the integer ONNX graph written is invalid: {str(e).splitlines()[0]}") from e
-    return QDQExport(onnx_model, writer.layers, writer.acts, writer.logit_step, writer.float_affine)
+    return QDQExport(onnx_model, writer.layers, writer.acts, writer.logit_step, writer.float_affine,
+                     writer.noise_modules)
 
 
 def bytes_by_dtype(model: onnx.ModelProto) -> dict[str, int]:

@@ -165,9 +165,17 @@ def _layer_params(layer: nn.Module) -> int:
     return sum(t.numel() for t in (layer.weight, layer.bias) if t is not None)
 
 
+def _noise_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Noise-injection modules that take their scale from the statistics of their input (EnResNet's)."""
+    return {n: m for n, m in model.named_modules()
+            if type(m).__name__.endswith("Noise") and hasattr(m, "stat_channels")}
+
+
 @torch.no_grad()
-def _output_sizes(model: nn.Module, names: list[str], input_shape: Sequence[int]) -> dict[str, tuple[int, int]]:
-    """Spatial size of each conv's output for one image of `input_shape` (C, H, W); eval mode, no state change."""
+def _output_sizes(model: nn.Module, names: list[str], input_shape: Sequence[int],
+                  noise_channels: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """Spatial size of each conv's output for one image of `input_shape` (C, H, W); eval mode, no state change.
+    With `noise_channels`, also fills in the input channel count of every noise module."""
     sizes: dict[str, tuple[int, int]] = {}
     hooks = []
     for name in names:
@@ -176,6 +184,11 @@ def _output_sizes(model: nn.Module, names: list[str], input_shape: Sequence[int]
             def hook(_m, _i, out, name=name):
                 sizes[name] = tuple(out.shape[-2:])
             hooks.append(layer.register_forward_hook(hook))
+    if noise_channels is not None:
+        for name, m in _noise_modules(model).items():
+            def pre_hook(_m, inputs, name=name):
+                noise_channels[name] = int(inputs[0].shape[1])
+            hooks.append(m.register_forward_pre_hook(pre_hook))
     was_training = model.training
     param = next(model.parameters())
     try:
@@ -194,7 +207,8 @@ def shrink_model(model: nn.Module, *, channel_multiple: int = 1,
 
     The copy computes the same outputs (float: equal up to summation order; quantized: every quantizer
     keeps its scale). `channel_multiple` rounds each group's kept count up to a multiple (int8 kernels
-    can run slower on odd counts); `input_shape` (C, H, W) enables the MACs columns. `model` is unchanged.
+    can run slower on odd counts); `input_shape` (C, H, W) enables the MACs columns and lets noise modules
+    (EnResNet) keep the std of their unshrunk input (`stat_channels`). `model` is unchanged.
     """
     src = copy.deepcopy(unwrap(model))
     # A learned weight scale not yet initialized would later be computed from the *sliced* weights;
@@ -202,7 +216,8 @@ def shrink_model(model: nn.Module, *, channel_multiple: int = 1,
     init_weight_scales(src)
     graph = trace_channels(src)
     keeps = [keep_indices(src, g, channel_multiple) if g.prunable else torch.arange(g.size) for g in graph.groups]
-    sizes = _output_sizes(src, list(graph.layers), input_shape) if input_shape is not None else {}
+    noise_channels: dict[str, int] = {}
+    sizes = _output_sizes(src, list(graph.layers), input_shape, noise_channels) if input_shape is not None else {}
     report = ShrinkReport(input_shape=None if input_shape is None else tuple(int(s) for s in input_shape),
                           channel_multiple=channel_multiple,
                           channels_before=sum(g.size for g in graph.prunable()),
@@ -215,6 +230,12 @@ def shrink_model(model: nn.Module, *, channel_multiple: int = 1,
         new = _rule(layer).slice(layer, keep_in, keep_out)
         set_module(src, name, new)
         report.layers.append(_layer_report(name, lc.kind, layer, new, sizes.get(name), input_shape is not None))
+    # Noise modules keep the std of the unshrunk tensor (removed channels count as zeros); without an
+    # input shape their channel counts are unknown and the std is taken over the kept channels only.
+    for name, channels in noise_channels.items():
+        m = src.get_submodule(name)
+        if m.stat_channels is None:
+            m.stat_channels = channels
     report.all_params_after = sum(p.numel() for p in src.parameters())
     return src, report
 

@@ -11,10 +11,15 @@ Three choices, and why:
 * std is taken per image (over C, H, W); the reference takes it over the whole batch tensor. Per image,
   a deployed model's answer for one image does not depend on its batch-mates; at batch 1 both agree.
 * The noise module is invisible to torch.fx tracing (its forward returns x for a Proxy), so the graph
-  that channel tracing and the integer-ONNX writer read is the deterministic network. That is sound for
-  channel removal: in PreAct blocks the residual stream is read only by BatchNorms (zeroed with their
-  channel) and identity shortcuts, so noise on a removed channel never reaches the output. The integer
-  export refuses noise modules unless asked to drop them (`export --no-noise`, noted in the sidecar).
+  that channel tracing reads is the deterministic network. That is sound for channel removal: in PreAct
+  blocks the residual stream is read only by BatchNorms (zeroed with their channel) and identity
+  shortcuts, so noise on a removed channel never reaches the output. It does reach the per-image std,
+  though: a shrunk block keeps the channel count it had (`stat_channels`) and counts the removed
+  channels as zeros, which they are before their first noise (see `FeynmanKacNoise.std`; it neglects the
+  noise identity shortcuts carry on them from earlier blocks: on a digits ensemble the shrunk model's
+  per-draw logit spread is within 2% of the masked one's, 15% off without the count). The integer
+  export traces the module as a leaf and writes the noise as ONNX ops around a RandomNormalLike
+  (`rcdeploy.export.qdq`); `export --no-noise` drops it instead (noted in the sidecar).
 * The ensemble mean is written as a plain sum (the integer graph has Add, not Mul): each member's head
   stores its weights, bias and weight scale divided by n, and gradient hooks scale their gradients by
   1/n^2, so SGD (with momentum and weight decay) follows exactly the trajectory of the averaged form.
@@ -45,15 +50,34 @@ class FeynmanKacNoise(nn.Module):
         super().__init__()
         self.coeff = float(coeff)
         self.enabled = True
+        # Channels the std is taken over; None: the input's own. Set by channel removal to the count before
+        # it, the removed channels counting as zeros (they are exactly zero before their first noise).
+        self.stat_channels: int | None = None
+
+    def std(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image std over all but the batch dim (Bessel-corrected, as torch.std), shaped to broadcast."""
+        shape = (-1, *([1] * (x.dim() - 1)))
+        flat = x.flatten(1)
+        missing = self.missing_per_channel(x) * max(0, (self.stat_channels or 0) - x.shape[1])
+        if not missing:
+            return flat.std(dim=1).view(shape)
+        n = flat.shape[1] + missing
+        mean = flat.sum(1, keepdim=True) / n
+        ss = (flat - mean).square().sum(1, keepdim=True) + missing * mean.square()
+        return (ss / (n - 1)).sqrt().view(shape)
+
+    @staticmethod
+    def missing_per_channel(x: torch.Tensor) -> int:
+        """Elements per image of one channel (what each removed channel adds to the std's count)."""
+        return int(torch.Size(x.shape[2:]).numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, fx.Proxy) or not self.enabled or self.coeff == 0:
             return x
-        std = x.flatten(1).std(dim=1).view(-1, *([1] * (x.dim() - 1)))
-        return x + self.coeff * std * torch.randn_like(x)
+        return x + self.coeff * self.std(x) * torch.randn_like(x)
 
     def extra_repr(self) -> str:
-        return f"coeff={self.coeff}"
+        return f"coeff={self.coeff}" + (f", stat_channels={self.stat_channels}" if self.stat_channels else "")
 
 
 def noise_modules(model: nn.Module) -> list[FeynmanKacNoise]:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import rcdeploy
-from rcdeploy.attacks import parse_attack
-from rcdeploy.config import TrainConfig, dump_yaml, resume_config
+from rcdeploy.attacks import parse_attacks
+from rcdeploy.config import AUTO_BITS, TrainConfig, dump_yaml, resume_config
 from rcdeploy.data import Dataset, Split, augment, iterate_batches, load_dataset
 from rcdeploy.errors import UsageError
 from rcdeploy.io import atomic_write_text
@@ -37,6 +37,7 @@ from rcdeploy.train.checkpoint import (
 )
 from rcdeploy.train.objectives import OBJECTIVES, AdvSettings
 from rcdeploy.train.rundir import check_new_run, locked, new_run, point_latest
+from rcdeploy.train.unstructured import sparsity_report
 
 
 class Reporter:
@@ -87,7 +88,7 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
 def adv_settings(cfg: TrainConfig, default_eps: float) -> AdvSettings:
     eps = float(cfg.eps) if cfg.eps is not None else default_eps
     step = float(cfg.step_size) if cfg.step_size is not None else 2.5 * eps / cfg.steps
-    return AdvSettings(eps=eps, steps=cfg.steps, step_size=step, beta=cfg.beta)
+    return AdvSettings(eps=eps, steps=cfg.steps, step_size=step, beta=cfg.beta, alpha=cfg.alpha)
 
 
 def model_kwargs(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
@@ -119,7 +120,27 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 @torch.no_grad()
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> float:
     """Correct predictions, averaged over `draws` forward passes (one for a deterministic model)."""
-    return sum(int((model(x).argmax(1) == y).sum()) for _ in range(draws)) / draws
+    return float(_correct_each(model, x, y, draws).sum())
+
+
+def _correct_each(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> torch.Tensor:
+    """Per sample, the fraction of `draws` forward passes that classify it right."""
+    return sum((model(x).argmax(1) == y).double() for _ in range(draws)) / draws
+
+
+def validation_attacks(names: str, eps: float, seed: int = 0, eot: int = 1) -> list[Any]:
+    """The attacks `val_attack` names (one name, a comma list or a preset such as autoattack-fast).
+
+    Validation attacks the PyTorch model with its own gradients; `@smooth` names the surrogate of an
+    exported graph, which only bench has, so it is refused here rather than silently ignored.
+    """
+    attacks = parse_attacks(names, eps=eps, seed=seed, eot=eot)
+    for a in attacks:
+        if a.gradients != "ste":
+            raise UsageError(f"val_attack {names!r}: {a.name} takes the gradients of an exported graph's smooth "
+                             "surrogate, which only bench has; validation attacks the PyTorch model (drop "
+                             f"'@{a.gradients}')")
+    return attacks
 
 
 def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500, draws: int = 1) -> float:
@@ -135,20 +156,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_name: st
 
     The attack runs through `robustness.attack_batches`, bench's crafting loop; each batch is scored as it
     comes, so the noise of a stochastic model is drawn in the order the figures were first made with.
-    Robust accuracy is accuracy under this one attack, not bench's worst case over clean and attacks.
+    Robust accuracy is accuracy under the attack; with several (a comma list or a preset such as
+    autoattack-fast), per sample the worst over them, as bench counts it (bench adds clean to the minimum).
     """
     was_training = model.training
     model.eval()
     try:
-        attack = parse_attack(attack_name, eps=eps, seed=seed, eot=eot)
+        attacks = validation_attacks(attack_name, eps, seed=seed, eot=eot)
         clean = _clean_correct(model, x, y, batch, eot)
-        robust = 0.0
-        for part, x_adv in attack_batches(attack, model, x, y, batch):
-            robust += _correct(model, x_adv, y[part], eot)
+        worst = torch.ones(len(x), dtype=torch.float64)
+        for attack in attacks:
+            for part, x_adv in attack_batches(attack, model, x, y, batch):
+                worst[part] = torch.minimum(worst[part], _correct_each(model, x_adv, y[part], eot).cpu())
     finally:
         model.train(was_training)
     n = max(1, len(x))
-    return {"clean_acc": 100.0 * clean / n, "robust_acc": 100.0 * robust / n}
+    return {"clean_acc": 100.0 * clean / n, "robust_acc": 100.0 * float(worst.sum()) / n}
 
 
 class _StopFlag:
@@ -195,11 +218,16 @@ def finetune_epoch(cfg: TrainConfig) -> int:
 def _sparsity_for(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
     from rcdeploy.train.unstructured import UNSTRUCTURED
 
+    params = dict(cfg.sparsity_params)
+    if cfg.codebook_bits is not None and cfg.sparsity != "atmc":
+        raise UsageError(f"--codebook-bits is a setting of --sparsity atmc, not of {cfg.sparsity}")
     if cfg.sparsity in UNSTRUCTURED:  # weight sparsity: on whenever named (rvsm needs no target)
         if cfg.prune_channels:
             raise UsageError(f"--sparsity {cfg.sparsity} prunes single weights, not channels: pass --prune-weights "
                              "instead of --prune-channels (or use group-lasso, rgsm or slimming for channels)")
         target = cfg.prune_weights
+        if cfg.codebook_bits is not None:
+            params["codebook_bits"] = cfg.codebook_bits
     elif not cfg.prune_channels:
         return None
     else:
@@ -208,7 +236,7 @@ def _sparsity_for(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
 
     return create_sparsity(cfg.sparsity, model, target=target, channel_multiple=cfg.channel_multiple,
                            epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                           finetune_at=finetune_epoch(cfg) / cfg.epochs, **cfg.sparsity_params)
+                           finetune_at=finetune_epoch(cfg) / cfg.epochs, **params)
 
 
 def _plugins_for(cfg: TrainConfig, model: nn.Module) -> list[Any]:
@@ -220,6 +248,11 @@ def _plugins_for(cfg: TrainConfig, model: nn.Module) -> list[Any]:
 
         return [BinaryRelax(model, epochs=cfg.epochs, lam=cfg.br_lambda, growth=cfg.br_growth,
                             exact_fraction=cfg.br_exact_fraction, exact_lr=cfg.br_exact_lr)]
+    if cfg.low_rank is not None:  # CSTAR; it may also have `penalty(model)` and `end_epoch(model, epoch)`
+        from rcdeploy.train.lowrank import LowRank
+
+        return [LowRank(model, quant_spec(cfg), epochs=cfg.epochs, ratio=float(cfg.low_rank), rho=cfg.rank_rho,
+                        admm_at=cfg.rank_admm_at, swap_at=cfg.rank_swap_at, multiple=cfg.channel_multiple)]
     return []
 
 
@@ -247,6 +280,7 @@ def fit(cfg: TrainConfig | None, *, resume: str | Path | None = None, overrides:
             if resume is None:
                 assert cfg is not None, "fit needs a config or a run to resume"
                 cfg.validate()
+                validation_attacks(cfg.val_attack, 0.5)  # a bad val_attack fails now, not after the first epoch
                 check_new_run(cfg)  # before the work: a taken --name or an unwritable --out fails in a second
                 return _fit(cfg, None, None, {}, stack, reporter or Reporter(), stop_at)
             run_dir, path = _resume_paths(resume)
@@ -304,8 +338,14 @@ def _fit(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None, ch
     data = _training_data(cfg, device)
     settings, objective = adv_settings(cfg, data.meta.default_eps), OBJECTIVES[cfg.adv]
     batches = math.ceil(len(data.train) / cfg.batch_size)
-    if ckpt is None:
+    allocation = None if ckpt is None else ckpt.get("bit_allocation")
+    if ckpt is None and cfg.bits == AUTO_BITS:  # pre-train, measure, choose per-layer bits (train/auto_bits.py)
+        from rcdeploy.train.auto_bits import auto_bits_model
+
+        spec, model, allocation = auto_bits_model(cfg, data, device, settings, objective, reporter)
+    elif ckpt is None:
         spec, model = _new_model(cfg, data, device)
+    if ckpt is None:
         sparsity, plugins = _sparsity_for(cfg, model, batches), _plugins_for(cfg, model)  # a bad name leaves no folder
         run_dir = _new_run_folder(cfg, stack)
     else:
@@ -314,10 +354,15 @@ def _fit(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None, ch
         _reopen_run_folder(cfg, ckpt, run_dir, changed)
     run = _Run(cfg=cfg, device=device, data=data, settings=settings, objective=objective, spec=spec, model=model,
                sparsity=sparsity, plugins=plugins, optimizer=make_optimizer(cfg, model), run_dir=run_dir,
-               batches=batches, pointed=ckpt is not None)
+               batches=batches, pointed=ckpt is not None, bit_allocation=allocation)
     if ckpt is not None:
         run.restore(ckpt)
-    return run.run_epochs(changed, reporter, _StopFlag(stop_at))
+    result = run.run_epochs(changed, reporter, _StopFlag(stop_at))
+    if allocation is not None and ckpt is None:
+        from rcdeploy.train.auto_bits import summary_line
+
+        result.notes.insert(0, summary_line(allocation))
+    return result
 
 
 # ------------------------------------------------------------------------------- the steps of _fit
@@ -403,6 +448,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     partial: dict[str, Any] = field(default_factory=_fresh_partial)
+    bit_allocation: dict[str, Any] | None = None  # --bits auto: what auto_bits chose and measured
 
     @property
     def finetune_start(self) -> int:
@@ -471,6 +517,15 @@ class _Run:
             sparsity.end_epoch(model, epoch, cfg.epochs)
             if self.mask_at_end and epoch == cfg.epochs - 1:
                 sparsity.start_finetune(model)
+        for p in self.plugins:
+            if hasattr(p, "end_epoch") and p.end_epoch(model, epoch):
+                # The plugin replaced layers (low rank's swap): the spec must rebuild them, and the optimizer
+                # must hold the new parameters (it restarts without momentum).
+                self.spec = {**self.spec, "kwargs": {**self.spec["kwargs"], **p.spec_kwargs()}}
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer = make_optimizer(cfg, model)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
         return self.partial["time"] + time.perf_counter() - t0
 
     def train_step(self, epoch: int, b: int, order: torch.Tensor, lr_factor: float, reporter: Reporter) -> None:
@@ -485,6 +540,10 @@ class _Run:
         loss, logits = self.objective(model, x, y, self.settings, gen)
         if sparsity is not None:
             extra = sparsity.penalty(model)
+            if extra is not None:
+                loss = loss + extra
+        for p in self.plugins:
+            extra = p.penalty(model) if hasattr(p, "penalty") else None
             if extra is not None:
                 loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
@@ -516,6 +575,8 @@ class _Run:
         }
         if sparsity is not None:
             metrics["sparsity"] = sparsity.stats(self.model)
+        # Every run, whatever its method: channel and weight sparsity as the seed-002 code counts them.
+        metrics["paper_sparsity"] = sparsity_report(self.model)
         for p in self.plugins:
             metrics[p.name] = p.stats()
         self.history.append(metrics)
@@ -550,6 +611,7 @@ class _Run:
             "config": self.cfg.to_dict(), "dataset": self.data.meta.to_dict(), "position": [epoch, batch],
             "partial_epoch": part, "history": history, "best": self.best,
             "metrics": history[-1] if history else {}, "eps": self.settings.eps,
+            "bit_allocation": self.bit_allocation,
         }, self.run_dir / name)
         if not self.pointed:  # runs/latest moves here only now that the run has a checkpoint
             point_latest(self.run_dir)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcdeploy.attacks import parse_attack
+from rcdeploy.errors import UsageError
 from rcdeploy.names import OBJECTIVES
 
 
@@ -24,9 +25,10 @@ class AdvSettings:
     steps: int
     step_size: float
     beta: float
+    alpha: float = 0.5  # `mixed`: weight of the adversarial term
 
 
-__all__ = ["OBJECTIVES", "AdvSettings", "Objective", "fgsm_rs", "natural", "pgd", "trades"]
+__all__ = ["OBJECTIVES", "AdvSettings", "Objective", "fgsm_rs", "mixed", "natural", "pgd", "trades"]
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, AdvSettings, torch.Generator], tuple]
 
@@ -55,14 +57,38 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, 
     return F.cross_entropy(logits, y), logits
 
 
+def pgd_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings,
+                 gen: torch.Generator) -> torch.Tensor:
+    """PGD-K from a uniform random start in the eps ball (a real one: the attack's `random_start`),
+    through the quantized forward, seeded from the batch's generator so a batch replays exactly."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen).item())
+    attack = parse_attack(f"pgd{s.steps}", eps=s.eps, step=s.step_size, seed=seed)
+    return attack(model, x, y)
+
+
 @OBJECTIVES.register("pgd")
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
     """Madry et al.: PGD-K with a random start, then cross-entropy on the adversarial batch."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen).item())
-    attack = parse_attack(f"pgd{s.steps}", eps=s.eps, step=s.step_size, seed=seed)
-    x_adv = attack(model, x, y)
-    logits = model(x_adv)
+    logits = model(pgd_examples(model, x, y, s, gen))
     return F.cross_entropy(logits, y), logits
+
+
+@OBJECTIVES.register("mixed")
+def mixed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
+    """(1 - alpha) CE(f(x), y) + alpha CE(f(x_adv), y), x_adv from `pgd_examples` (Goodfellow et al. 2015's
+    mixed objective; ATMC's reference code trains with alpha 0.5). A term with weight 0 is not computed:
+    alpha 1 is the `pgd` objective exactly (same attack draws, same BatchNorm updates), alpha 0 runs no
+    attack. The logits returned are the adversarial ones when there is an attack (as `pgd`), else clean."""
+    a = float(s.alpha)
+    if not 0.0 <= a <= 1.0:
+        raise UsageError(f"--alpha {a:g} is outside [0, 1]: it weighs the adversarial term of the mixed loss")
+    if a == 0.0:
+        return natural(model, x, y, s, gen)
+    adv_logits = model(pgd_examples(model, x, y, s, gen))
+    loss = F.cross_entropy(adv_logits, y)
+    if a < 1.0:
+        loss = (1.0 - a) * F.cross_entropy(model(x), y) + a * loss
+    return loss, adv_logits
 
 
 @OBJECTIVES.register("trades")

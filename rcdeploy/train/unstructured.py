@@ -1,4 +1,5 @@
-"""Unstructured weight sparsity: RVSM and ADMM, as `--sparsity rvsm|admm` next to the channel methods.
+"""Unstructured weight sparsity: RVSM and ADMM, as `--sparsity rvsm|admm` next to the channel methods
+(ATMC, `rcdeploy.train.atmc`, builds on the same base and on the global projection here).
 
 Both work on the float weights of every conv and linear layer (quantizers map a zero weight to zero,
 except binary ones, where a zero weight still becomes +-scale) and end, like the channel methods, with
@@ -36,7 +37,7 @@ from rcdeploy.quant.spec import layer_bits, weight_layers
 from rcdeploy.train.sparsity import Sparsity, register_sparsity
 
 ZERO_NORM = 1e-15  # a filter counts as removed below this norm (the papers' definition)
-UNSTRUCTURED = tuple(SPARSITY.names(kind=WEIGHTS))  # the weight (not channel) methods: rvsm, admm
+UNSTRUCTURED = tuple(SPARSITY.names(kind=WEIGHTS))  # the weight (not channel) methods: rvsm, admm, atmc
 
 
 def hard_threshold(w: torch.Tensor, lam: float, beta: float) -> torch.Tensor:
@@ -60,9 +61,33 @@ def project_topk(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return w.masked_fill(magnitude_mask(w, sparsity), 0.0)
 
 
+def global_topk_masks(ws: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Bool masks, True where pruned: ONE budget over all tensors, keeping the ceil((1 - sparsity) * N)
+    largest |w| of them all (N = all their entries), whatever tensor each lives in (ATMC's projection;
+    magnitudes are compared unnormalized, as in its reference code)."""
+    flat = torch.cat([w.detach().abs().flatten().float() for w in ws])
+    n = flat.numel()
+    keep = min(n, max(0, math.ceil((1 - sparsity) * n - 1e-9)))
+    pruned = torch.ones(n, dtype=torch.bool, device=flat.device)
+    if keep:
+        pruned[torch.topk(flat, keep, sorted=False).indices] = False
+    return [m.view_as(w) for m, w in zip(torch.split(pruned, [w.numel() for w in ws]), ws)]
+
+
+@torch.no_grad()
+def project_global_topk(ws: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """In place: zero all but the globally largest |w| (`global_topk_masks`); returns the masks."""
+    masks = global_topk_masks(ws, sparsity)
+    for w, m in zip(ws, masks):
+        w.masked_fill_(m.to(w.device), 0.0)
+    return masks
+
+
 def sparsity_report(model: nn.Module) -> dict[str, float]:
-    """The papers' figures: weight sparsity (conv + linear) and channel sparsity (conv filters, norm < 1e-15)."""
-    zeros = total = dead = filters = 0
+    """The papers' figures: weight sparsity (conv + linear) and channel sparsity (conv filters, norm < 1e-15),
+    counted as the seed-002 code counts them: on the float weights, and (`quantized_channel_sparsity`) on
+    the quantized weights the model computes with, where a row can round to zero while its float is not."""
+    zeros = total = dead = dead_q = filters = 0
     for _, layer in weight_layers(unwrap(model)):
         w = layer.weight.detach()
         zeros += int((w == 0).sum())
@@ -70,8 +95,13 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
         if isinstance(layer, qnn.QuantConv2d):
             norms = w.reshape(w.shape[0], -1).double().norm(dim=1)
             dead += int((norms < ZERO_NORM).sum())
+            with torch.no_grad():
+                qw = layer.quant_weight()
+            qw = getattr(qw, "value", qw).detach()
+            dead_q += int((qw.reshape(qw.shape[0], -1).double().norm(dim=1) < ZERO_NORM).sum())
             filters += w.shape[0]
-    return {"weight_sparsity": zeros / max(1, total), "paper_channel_sparsity": dead / max(1, filters)}
+    return {"weight_sparsity": zeros / max(1, total), "paper_channel_sparsity": dead / max(1, filters),
+            "quantized_channel_sparsity": dead_q / max(1, filters)}
 
 
 class _Unstructured(Sparsity):

@@ -95,14 +95,22 @@ class OnnxTwin(nn.Module):
     constants are buffers. `ste` selects straight-through rounding in QuantizeLinear (see the
     module docstring); `noise=False` replaces RandomNormalLike / RandomUniformLike by their
     mean, for a deterministic twin of a noise-injecting model.
+
+    `smooth=True` builds the smooth surrogate instead: the same graph and the weights as stored
+    (constants are folded with exact rounding first), but every activation (re)quantization keeps
+    its scale, zero point and saturation and drops the rounding, so the function itself is smooth
+    where the straight-through twin is piecewise constant. Attacks that step on its gradients see
+    through quantization masking (BPDA-style transfer); their images are then scored on the real
+    graph. It emulates no int16 saturation: it computes nothing anybody runs, only a direction.
     """
 
     def __init__(self, model: onnx.ModelProto | str | Path, *, ste: bool = True, noise: bool = True,
-                 isa: str | None = None) -> None:
+                 isa: str | None = None, smooth: bool = False) -> None:
         super().__init__()
         if not isinstance(model, onnx.ModelProto):
             model = load_model_proto(model)  # the one place files are parsed and checked
         self.ste, self.noise = ste, noise
+        self.smooth = False  # constants (weights, biases) fold with the graph's own rounding
         self.isa = resolve_isa(isa)
         opsets = {imp.domain or _STD: imp.version for imp in model.opset_import}
         self.opset = int(opsets.get(_STD, opsets.get("ai.onnx", 21)))
@@ -114,9 +122,15 @@ class OnnxTwin(nn.Module):
         live, weights = self._fold_constants(nodes, consts)
         self._nodes = live
         self._qdq_saturation: dict[int, _QdqSaturation] = {}
-        if self.isa == "avx2":
+        if self.isa == "avx2" and not smooth:
             self._qdq_saturation = _qdq_saturating_nodes(model, live, weights, self._types, consts)
         self._register_constants(consts, live)
+        self.smooth = smooth
+
+    @property
+    def rounding(self) -> str:
+        """How QuantizeLinear rounds: "smooth" (no rounding), "ste" (straight through) or "exact"."""
+        return "smooth" if self.smooth else ("ste" if self.ste else "exact")
 
     def _read_initializers(self, graph: onnx.GraphProto) -> dict[str, torch.Tensor]:
         consts: dict[str, torch.Tensor] = {}

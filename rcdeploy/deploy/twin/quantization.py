@@ -44,7 +44,7 @@ def _quantize_linear(tw: OnnxTwin, node: _Node, ins: list) -> torch.Tensor:
     axis, block = int(node.attrs.get("axis", 1)), int(node.attrs.get("block_size", 0))
     s = _axis_param(s, x.dim(), axis, x.shape, block)
     zp = 0.0 if zp is None else _axis_param(zp, x.dim(), axis, x.shape, block)
-    return _quantize(x.float(), s, zp, _qtype(tw, node, 2), tw.ste)
+    return _quantize(x.float(), s, zp, _qtype(tw, node, 2), tw.rounding)
 
 
 @_op("DequantizeLinear")
@@ -67,7 +67,7 @@ def _dynamic_quantize_linear(tw: OnnxTwin, node: _Node, ins: list) -> tuple:
         scale = (hi - lo) / 255.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-    return _quantize(x, scale, zp, TensorProto.UINT8, tw.ste), scale, zp
+    return _quantize(x, scale, zp, TensorProto.UINT8, tw.rounding), scale, zp
 
 
 def _dq_inputs(ins: list, x_i: int, rank_axis: int = 1) -> torch.Tensor:
@@ -81,4 +81,4 @@ def _dq_inputs(ins: list, x_i: int, rank_axis: int = 1) -> torch.Tensor:
 def _requantize(tw: OnnxTwin, node: _Node, ins: list, y: torch.Tensor, s_i: int) -> torch.Tensor:
     """Quantize a float result with the (scale, zero point) inputs at `s_i`, `s_i + 1`."""
     zp = _arg(ins, s_i + 1)
-    return _quantize(y, ins[s_i], 0.0 if zp is None else zp, _qtype(tw, node, s_i + 1), tw.ste)
+    return _quantize(y, ins[s_i], 0.0 if zp is None else zp, _qtype(tw, node, s_i + 1), tw.rounding)

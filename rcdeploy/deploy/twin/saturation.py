@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def _saturates(tw: OnnxTwin, node: _Node, act_zp: int, weight: int) -> bool:
     """Whether this u8 x s8 node saturates pair sums under the twin's isa (int8 x int8 and any uint8
     weight are exact; see rcdeploy.runtime.u8s8)."""
-    if tw.isa != "avx2":
+    if tw.isa != "avx2" or tw.smooth:  # the smooth surrogate's codes are not integers: nothing to emulate
         return False
     act = tw._types.get(node.inputs[act_zp], TensorProto.UINT8) if act_zp < len(node.inputs) else TensorProto.UINT8
     return act == TensorProto.UINT8 and tw._types.get(node.inputs[weight]) == TensorProto.INT8

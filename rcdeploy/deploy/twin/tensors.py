@@ -119,11 +119,16 @@ def _axis_param(
 
 
 def _quantize(
-    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, qtype: int, ste: bool
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | float, qtype: int, rounding: bool | str
 ) -> torch.Tensor:
+    """saturate(round(x / scale) + zp). rounding: "exact" (or False), "ste" (or True: round forward,
+    identity backward) or "smooth" (no rounding at all: the surrogate's smooth forward)."""
     lo, hi = _QRANGE[qtype]
     v = x / scale
-    r = _RoundSTE.apply(v) if ste else torch.round(v)
+    if rounding == "smooth":
+        r = v
+    else:
+        r = _RoundSTE.apply(v) if rounding in (True, "ste") else torch.round(v)
     # clamp's gradient is 1 inside [lo, hi] and 0 outside: the STE's saturation rule.
     q = torch.clamp(r + zp, lo, hi)
     # int32 results need float64 to stay exact; every narrower type is exact in float32.
