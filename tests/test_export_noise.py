@@ -17,11 +17,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_export import make_checkpoint
 
 from rcdeploy.data import load_dataset
 from rcdeploy.errors import VerificationError
 from rcdeploy.export.api import export_model
-from rcdeploy.export.shrink import shrink_model, zero_channels
+from rcdeploy.export.shrink import shrink_model
 from rcdeploy.export.verify import (
     EOT_DRAWS,
     check_distribution,
@@ -30,12 +31,9 @@ from rcdeploy.export.verify import (
     noise_at_expectation,
     torch_draws,
 )
-from rcdeploy.models import create_model
 from rcdeploy.models.enresnet import FeynmanKacNoise, noise_modules
-from rcdeploy.quant.calibrate import calibrate_activations
-from rcdeploy.quant.spec import QuantSpec
 from rcdeploy.runtime.session import open_session, optimized_graph, run_logits
-from rcdeploy.train.checkpoint import FORMAT, VERSION, atomic_save, load_model, model_spec
+from rcdeploy.train.checkpoint import load_model
 
 NAME, WIDTH, BITS = "en2resnet20", 0.25, 4
 ZERO = {"members.0.stem.0": [0, 2], "members.1.stem.0": [1]}  # residual channels of stage 1 (4 wide)
@@ -50,30 +48,8 @@ def digits():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, digits) -> Path:
     """A trained noisy EnResNet checkpoint with channels zeroed the removable way (as channel sparsity does)."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    meta = digits.meta
-    quant = QuantSpec(bits=BITS, first_last_bits=8)
-    kwargs = dict(num_classes=meta.num_classes, in_chans=meta.shape[0], mean=meta.mean, std=meta.std,
-                  input_size=meta.shape[1], width=WIDTH)
-    model = create_model(NAME, quant=quant, **kwargs)
-    calibrate_activations(model, [digits.train.x[i:i + 128] for i in range(0, 512, 128)])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        zero_channels(model, ZERO)
-        idx = torch.randint(0, len(digits.train), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(digits.train.x[idx]), digits.train.y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    zero_channels(model, ZERO)
     path = tmp_path_factory.mktemp("noise") / "en.pt"
-    atomic_save({"format": FORMAT, "version": VERSION, "model": model_spec(NAME, quant, **kwargs),
-                 "state_dict": model.state_dict(), "dataset": meta.to_dict(), "eps": 0.1,
-                 "config": {"adv": "pgd", "eps": 0.1, "bits": BITS, "steps": 3}, "metrics": {}}, path)
-    return path
+    return make_checkpoint(path, digits, NAME, BITS, width=WIDTH, steps=60, zero=ZERO)
 
 
 @pytest.fixture(scope="module")
