@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     out = common.SCRATCH / ("strength-quick" if args.quick else "strength")
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": common.machine_info(), "quick": args.quick, "attacks": attacks}
+    results: dict[str, Any] = {"machine": common.machine_info(), "quick": args.quick, "attacks": attacks,
+                               "cifar_epochs": args.cifar_epochs}
 
     quick_start = train_export(out, "quickstart", {"bits": 4, "prune_channels": True})
     results["quickstart"] = bench_rows(quick_start, attacks)
@@ -127,7 +128,9 @@ def markdown(results: dict[str, Any]) -> str:
              "fab-t100 (9 targets), fab-t100@smooth, "
              "square5000. Times on a shared 2-core machine.", ""]
     titles = {"quickstart": "Quick-start model (`rcdeploy train`; export --bits 4 --prune-channels), digits test "
-                            "split", "cifar": "CIFAR-10 slice ResNet-20, 4-bit, FGSM-RS (short run)"}
+                            "split",
+              "cifar": f"CIFAR-10 slice ResNet-20, 4-bit, FGSM-RS, {results.get('cifar_epochs', '?')} epochs (a short "
+                       "run: it ranks the attacks; it is not a robustness result)"}
     for key, title in titles.items():
         r = results.get(key, {})
         if "rows" not in r:
