@@ -21,7 +21,7 @@ install: $(BIN)/rcdeploy
 demo: install
 	$(BIN)/rcdeploy train
 	$(BIN)/rcdeploy export --bits 4 --prune-channels
-	$(BIN)/rcdeploy bench model.onnx --attack ifgsm20,square1000
+	$(BIN)/rcdeploy bench model.onnx --attack ifgsm20,autoattack-fast
 
 test: install
 	$(BIN)/ruff check .
