@@ -88,13 +88,20 @@ class ChannelGroup:
         """Parameters that set each channel's value: rows of producers with no BN of their own, and every
         BN's gamma and beta. Rows of a conv followed by its own BN are left out: the BN normalizes them
         away (scale invariant), so only gamma/beta say how much the channel matters."""
-        out: list[torch.Tensor] = []
+        return [t for layer in self.function_layers(model) for t in layer]
+
+    def function_layers(self, model: nn.Module) -> list[list[torch.Tensor]]:
+        """`function_params` split by layer: each producer without a BN of its own (weight, bias) and each
+        BN (gamma, beta), in that order."""
+        out: list[list[torch.Tensor]] = []
         for p in self.producers:
             if p.bn is None:
-                out.extend(_weight_and_bias(model.get_submodule(p.name)))
+                out.append(list(_weight_and_bias(model.get_submodule(p.name))))
         for name in self.bns:
             bn = model.get_submodule(name)
-            out.extend(t for t in (bn.weight, bn.bias) if t is not None)
+            layer = [t for t in (bn.weight, bn.bias) if t is not None]
+            if layer:
+                out.append(layer)
         return out
 
     def follower_params(self, model: nn.Module) -> list[torch.Tensor]:

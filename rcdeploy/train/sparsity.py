@@ -17,11 +17,24 @@ How the trainer drives a method (`rcdeploy/train/loop.py`):
     at the start of epoch sp.finetune_epoch(epochs): sp.start_finetune(model)   # fix the mask, fine-tune
     log sp.stats(model); checkpoint sp.state_dict()
 
-`start_finetune` fixes the mask: it prunes the channels with the smallest scores (normalized per group,
-ranked across all groups) to hit the target share exactly (as closely as `channel_multiple` allows),
-zeroes them, and `after_step` keeps them at zero from then on. A new method subclasses `Sparsity`,
-overrides the hooks it needs, registers itself in `SPARSITY` and is declared, with its kind, in
-`rcdeploy.names` (which the CLI and recipe checks read without importing this module).
+`start_finetune` fixes the mask: it prunes the channels with the smallest scores (ranked across all
+groups) to hit the target share exactly (as closely as `channel_multiple` allows), zeroes them, and
+`after_step` keeps them at zero from then on.
+
+Scores are comparable across groups only once each layer's scale is taken out (`normalize`, default
+"layer"): a channel's score is sqrt(mean over the layers of its function vector of q / mean(q)), q its
+squared row norm in that layer and mean(q) the layer's mean over its non-zero channels, so every group's
+channels score about 1 on average and the global ranking compares how unequal the channels within each
+layer are. Without it ("none", the behaviour before: the RMS of the raw function vector) a
+residual-stream group of a PreAct-style model (PreAct ResNet, EnResNet), whose producers have no BN of
+their own, is scored by its conv rows (RMS about 1/sqrt(fan-in), 0.07-0.15 at width 0.5) while every
+inner group is scored by BN gammas (about 1): the global ranking cut the residual streams to `min_keep`
+and the model collapsed to chance at the mask fix. Normalizing by the layer's mean, not by a per-group
+quota, keeps the ranking global: a layer whose channels matter unequally still gives up more of them.
+
+A new method subclasses `Sparsity`, overrides the hooks it needs (`score_layers`: what it ranks
+channels by), registers itself in `SPARSITY` and is declared, with its kind, in `rcdeploy.names` (which
+the CLI and recipe checks read without importing this module).
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from rcdeploy.registry import drop_none
 
 FINETUNE_AT = 0.7  # share of the epochs spent in the sparse phase before the mask is fixed
 MIN_KEEP = 0.1  # share of each group's channels that the mask never removes (at least one)
+NORMALIZE = ("layer", "none")  # score scales: per-layer relative (default) | raw function-vector RMS (before)
 STEPS_PER_EPOCH_GUESS = 100  # for per-step schedules in the first epoch, before a full epoch was counted
 
 
@@ -69,7 +83,7 @@ class Sparsity:
 
     def __init__(self, model: nn.Module, *, target: float, channel_multiple: int = 1, epochs: int | None = None,
                  steps_per_epoch: int | None = None, finetune_at: float = FINETUNE_AT,
-                 min_keep: float = MIN_KEEP) -> None:
+                 min_keep: float = MIN_KEEP, normalize: str = "layer") -> None:
         if not 0.0 <= target < 1.0:
             raise UsageError(f"channel pruning ratio must be in [0, 1), got {target}")
         if int(channel_multiple) < 1:
@@ -78,6 +92,8 @@ class Sparsity:
             raise UsageError(f"fine-tune start must be a share of the epochs in (0, 1], got {finetune_at}")
         if not 0.0 <= min_keep < 1.0:
             raise UsageError(f"min_keep must be in [0, 1), got {min_keep}")
+        if normalize not in NORMALIZE:
+            raise UsageError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
         self.groups: list[ChannelGroup] = trace_channels(unwrap(model)).prunable()
         if not self.groups:
             raise UsageError("the model has no prunable channels (every channel feeds the input or output)")
@@ -86,6 +102,7 @@ class Sparsity:
         self.epochs = epochs
         self.finetune_at = float(finetune_at)
         self.min_keep = float(min_keep)
+        self.normalize = normalize
         self.masks: list[torch.Tensor] | None = None  # per group, True = pruned; set by start_finetune
         self.epoch = 0
         self.steps_this_epoch = 0
@@ -144,7 +161,7 @@ class Sparsity:
         """Plain data (tensors, numbers, strings): checkpoints load with weights_only=True."""
         return {"method": self.name, "target": self.target, "channel_multiple": self.channel_multiple,
                 "epochs": self.epochs, "finetune_at": self.finetune_at, "min_keep": self.min_keep,
-                "epoch": self.epoch, "steps_this_epoch": self.steps_this_epoch,
+                "normalize": self.normalize, "epoch": self.epoch, "steps_this_epoch": self.steps_this_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "group_sizes": [g.size for g in self.groups],
                 "masks": None if self.masks is None else [m.clone() for m in self.masks],
                 "extra": self.extra_state()}
@@ -159,6 +176,7 @@ class Sparsity:
         self.epochs = state["epochs"]
         self.finetune_at = float(state["finetune_at"])
         self.min_keep = float(state["min_keep"])
+        self.normalize = str(state.get("normalize", "none"))  # checkpoints from before the option: raw scores
         self.epoch = int(state["epoch"])
         self.steps_this_epoch = int(state["steps_this_epoch"])
         self.steps_per_epoch = int(state["steps_per_epoch"])
@@ -171,8 +189,8 @@ class Sparsity:
 
     def scores(self, model: nn.Module) -> list[torch.Tensor]:
         """Per group, a CPU float score per channel, comparable across groups; the lowest are pruned.
-        Default: RMS of the function vector (norm / sqrt(its length))."""
-        return [(g.norms(model) / math.sqrt(max(1, g.params_per_channel(model)))) for g in self.groups]
+        Default: the function vector's size, scaled per layer (`channel_scores`)."""
+        return [s.cpu() for s in self.channel_scores(model)]
 
     def extra_stats(self) -> dict[str, Any]:
         return {}
@@ -184,6 +202,33 @@ class Sparsity:
         pass
 
     # -- helpers ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def channel_scores(self, model: nn.Module) -> list[torch.Tensor]:
+        """Per group, a score per channel (on the parameters' device) that scales linearly with the channel's
+        function vector. "layer": sqrt(mean over the group's layers of q_c / mean q), q_c the channel's
+        squared row norm in that layer, the mean over the layer's non-zero channels (see the module
+        docstring); "none": the RMS of the raw function vector (norm / sqrt(its length))."""
+        out = []
+        for g in self.groups:
+            layers = self.score_layers(g, model)
+            if not layers:  # nothing to score by: never pruned
+                out.append(torch.full((g.size,), float("inf")))
+            elif self.normalize == "none":
+                n = max(1, sum(t[0].numel() for layer in layers for t in layer))
+                out.append(_sq_norms([t for layer in layers for t in layer], g.size).sqrt() / math.sqrt(n))
+            else:
+                total = None
+                for layer in layers:
+                    q = _sq_norms(layer, g.size)
+                    rel = q * ((q > 0).sum().clamp_min(1) / q.sum().clamp_min(1e-30))  # q / mean of non-zero q
+                    total = rel if total is None else total + rel
+                out.append((total / len(layers)).sqrt())
+        return out
+
+    def score_layers(self, g: ChannelGroup, model: nn.Module) -> list[list[torch.Tensor]]:
+        """The parameters a group's channels are scored by, per layer (rows indexed by channel)."""
+        return g.function_layers(model)
+
     def apply_masks(self, model: nn.Module) -> None:
         for g, mask in zip(self.groups, self.masks or []):
             if mask.any():
@@ -233,12 +278,14 @@ class Sparsity:
 
 @register_sparsity("group-lasso")
 class GroupLasso(Sparsity):
-    """Proximal group lasso on each channel's function vector v_c (n values): after every optimizer step
-    v_c <- v_c * max(0, 1 - lr * strength * sqrt(n) / ||v_c||), which sets whole channels exactly to zero.
+    """Proximal group lasso on each channel's function vector v_c: after every optimizer step
+    v_c <- v_c * max(0, 1 - lr * strength / score_c), which sets whole channels exactly to zero. score_c
+    (`channel_scores`) is linear in v_c: ||v_c|| / sqrt(n) for normalize=none, a per-layer weighted norm
+    (weights fixed within the step) by default.
 
     The strength is searched at every step so that the dead share follows a ramp from 0 to the target,
     reached at `ramp` of the sparse phase. Channels die when their norm runs out, so the strength is set
-    from the norms themselves: with channels ranked by RMS (norm / sqrt(n)), the one the ramp wants dead
+    from the scores themselves: with channels ranked by score (`channel_scores`), the one the ramp wants dead
     `horizon` epochs from now is shrunk to zero in that time (absent its gradient); `boost` multiplies this
     and adapts slowly (integral control) to the gradients' push-back. When enough channels are dead already
     the strength is zero: no search overshoot. The prox acts only on the channels ranked within the target
@@ -269,20 +316,18 @@ class GroupLasso(Sparsity):
 
     @torch.no_grad()
     def sparse_step(self, model: nn.Module, lr: float) -> None:
-        norms = [_sq_norms(g.function_params(model), g.size).sqrt() for g in self.groups]
-        lengths = [max(1, g.params_per_channel(model)) for g in self.groups]
-        scores = [(n / math.sqrt(k)).cpu() for n, k in zip(norms, lengths)]
-        candidates = self.fix_masks(scores, warn=False)
-        flat = torch.cat(scores)
+        scores = self.channel_scores(model)  # linear in the function vector: shrinking it by f shrinks these by f
+        candidates = self.fix_masks([s.cpu() for s in scores], warn=False)
+        flat = torch.cat([s.cpu() for s in scores])
         total = flat.numel()
         horizon = max(1, round(self.horizon * (self.steps_per_epoch or STEPS_PER_EPOCH_GUESS)))
         k = min(total, math.ceil(self.desired(ahead=horizon) * total))
         tau = float(torch.kthvalue(flat, k).values) if k > 0 else 0.0
-        rms_step = self.boost * tau / horizon  # shrink per step, in RMS units
+        rms_step = self.boost * tau / horizon  # shrink per step, in score units
         self.strength = rms_step / lr if lr > 0 else 0.0
         dead = 0
-        for g, norm, n, cand in zip(self.groups, norms, lengths, candidates):
-            factor = torch.clamp(1 - rms_step * math.sqrt(n) / norm.clamp_min(1e-30), min=0.0)
+        for g, score, cand in zip(self.groups, scores, candidates):
+            factor = torch.clamp(1 - rms_step / score.clamp_min(1e-30), min=0.0)
             factor = torch.where(cand.to(factor.device), factor, torch.ones_like(factor))
             for t in g.function_params(model):
                 t.mul_(factor.to(t.dtype).view(_rows(t)))
@@ -393,7 +438,8 @@ class RGSM(Sparsity):
 class Slimming(Sparsity):
     """Network slimming (Liu et al. 2017): L1 on the BatchNorm scales of prunable groups, then the channels
     with the smallest |gamma| (RMS over the group's BNs) are pruned when the mask is fixed. Groups with no
-    BatchNorm are never pruned by this method."""
+    BatchNorm are never pruned by this method. Like every method, the scales are taken per BN by default
+    (`normalize`); normalize=none ranks the raw |gamma| across layers as the paper does."""
 
     name = "slimming"
 
@@ -410,15 +456,8 @@ class Slimming(Sparsity):
         gammas = [model.get_submodule(name).weight for g in self.groups for name in g.bns]
         return self.strength * sum(w.abs().sum() for w in gammas) if gammas else None
 
-    def scores(self, model: nn.Module) -> list[torch.Tensor]:
-        out = []
-        for g in self.groups:
-            if not g.bns:
-                out.append(torch.full((g.size,), float("inf")))
-                continue
-            sq = sum(model.get_submodule(n).weight.detach().float().cpu() ** 2 for n in g.bns)
-            out.append((sq / len(g.bns)).sqrt())
-        return out
+    def score_layers(self, g: ChannelGroup, model: nn.Module) -> list[list[torch.Tensor]]:
+        return [[model.get_submodule(name).weight] for name in g.bns]  # normalize=none: RMS of |gamma|
 
     def extra_state(self) -> dict[str, Any]:
         return {"strength": self.strength}
