@@ -36,6 +36,7 @@ from rcdeploy.models.channels import unwrap
 from rcdeploy.quant.codebook import fit_codebook
 from rcdeploy.quant.presets import FLOAT
 from rcdeploy.quant.spec import layer_bits, weight_layers
+from rcdeploy.train.admm import admm_penalty
 from rcdeploy.train.sparsity import register_sparsity
 from rcdeploy.train.unstructured import _Unstructured, global_topk_masks, project_global_topk
 
@@ -124,8 +125,7 @@ class ATMC(_Unstructured):
         if self.finetuning:
             return None
         ws = self.weights(unwrap(model))
-        return (self.rho / 2) * sum(((w - z.to(w.device) + u.to(w.device)) ** 2).sum()
-                                   for w, z, u in zip(ws, self.z, self.u))
+        return admm_penalty(ws, self.z, self.u, self.rho)
 
     def sparse_step(self, model: nn.Module, lr: float) -> None:
         project_global_topk(self.weights(model), self.target)

@@ -51,6 +51,7 @@ from rcdeploy.models.tucker import (
 )
 from rcdeploy.quant.calibrate import init_weight_scales
 from rcdeploy.quant.spec import QuantSpec, set_module, weight_layers
+from rcdeploy.train.admm import admm_penalty
 
 ZERO_GAIN = 1e-10  # normalized energy below this is rounding noise: an exactly low-rank layer stops there
 CALIB_IMAGES = 64  # inputs kept per layer (last training batch before the swap) to calibrate its new quantizers
@@ -285,7 +286,8 @@ class LowRank:
         if self.swapped or not self.z or self.rho == 0:
             return None
         layers = self._admm_layers()
-        return 0.5 * self.rho * sum(((layers[n].weight - self.z[n] + self.u[n]) ** 2).sum() for n in self.z)
+        return admm_penalty([layers[n].weight for n in self.z], self.z.values(), [self.u[n] for n in self.z],
+                            self.rho)
 
     def end_epoch(self, model: nn.Module, epoch: int) -> bool:
         """ADMM's Z and U updates; the swap at the end of the last ADMM epoch (returns True then)."""

@@ -34,6 +34,7 @@ from rcdeploy.errors import UsageError
 from rcdeploy.models.channels import unwrap
 from rcdeploy.names import SPARSITY, WEIGHTS
 from rcdeploy.quant.spec import layer_bits, weight_layers
+from rcdeploy.train.admm import admm_penalty
 from rcdeploy.train.sparsity import Sparsity, register_sparsity
 
 ZERO_NORM = 1e-15  # a filter counts as removed below this norm (the papers' definition)
@@ -227,8 +228,7 @@ class ADMM(_Unstructured):
         if self.finetuning:
             return None
         ws = self.weights(unwrap(model))
-        return (self.rho / 2) * sum(((w - z.to(w.device) + v.to(w.device)) ** 2).sum()
-                                   for w, z, v in zip(ws, self.z, self.v))
+        return admm_penalty(ws, self.z, self.v, self.rho)
 
     @torch.no_grad()
     def end_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
