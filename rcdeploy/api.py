@@ -26,15 +26,24 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     """Train a run: `config` is a recipe (bundled name or YAML path), `settings` the `rcdeploy train` options
     as keyword arguments (`epochs=1`, `bits=4`, `adv="pgd"`, `sparsity_params={...}`, ...; see TrainConfig).
 
-    With `resume` (a run folder or its last.pt), only epochs / device / threads may be given.
+    With `resume` (a run folder or its last.pt), only epochs / device / threads / nproc may be given.
+    `nproc=N` trains on N local processes (DistributedDataParallel); rank 0's RunResult is returned and a
+    `reporter` object is not called (it lives in this process): rank 0 prints progress instead.
     """
     from rcdeploy.config import default_recipe, make_config
+    from rcdeploy.distributed import job_size
     from rcdeploy.errors import UsageError
-    from rcdeploy.train.loop import Reporter, fit
+    from rcdeploy.train.loop import Reporter, fit, resumed_settings
 
     if resume is not None and config is not None:
         raise UsageError("--config cannot change a run on --resume (it continues with its own settings)")
     cfg = None if resume is not None else make_config(config or default_recipe(settings), settings)
+    nproc = (cfg or resumed_settings(resume, settings)).nproc
+    if nproc > 1 and job_size() == 1:  # start the workers; inside a torchrun job this process is one of them
+        from rcdeploy.train.scaleout import launch_fit
+
+        # The reporter stays here; rank 0 shows progress on stderr when one was asked for.
+        return launch_fit(cfg, resume, settings, nproc, progress=reporter is not None)
     return fit(cfg, resume=resume, overrides=settings, reporter=reporter or Reporter())
 
 
@@ -46,15 +55,20 @@ def export(checkpoint: str | Path = "runs/latest/best.pt", **settings: Any) -> E
     return export_model(checkpoint, **settings)
 
 
-def bench(model: str | Path, **settings: Any) -> BenchReport:
+def bench(model: str | Path, **settings: Any) -> BenchReport | None:
     """Bench an ONNX file (the `rcdeploy bench` options as keyword arguments: attacks, dataset, data_dir,
     samples, eps, step, restarts, eot, target, batch_sizes, seed, threads, latency, latency_seconds, isa,
-    runtime, progress)."""
+    runtime, progress, nproc, cache, cache_dir).
+
+    `nproc=N` shares the chunks over N local processes (same per-image results as one); finished chunks
+    are cached beside the model unless `cache=False` (see `rcdeploy.deploy.bench.bench_model`). Inside a
+    torchrun job, ranks other than 0 return None."""
     from rcdeploy.artifacts import BenchReport
     from rcdeploy.deploy.bench import bench_model
 
     settings.setdefault("progress", False)
-    return BenchReport.from_dict(bench_model(model, **settings))
+    report = bench_model(model, **settings)
+    return None if report is None else BenchReport.from_dict(report)
 
 
 def _callable_stage(module_name: str, function: Any) -> None:

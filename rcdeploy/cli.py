@@ -210,6 +210,11 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 @_opt("--device", help="auto, cpu or cuda.")
 @_opt("--threads", type=click.IntRange(1, 4096), help="CPU threads for torch (none: torch's default; tiny "
       "inputs run best on 1).")
+@_opt("--nproc", type=click.IntRange(1, 4096), help="Worker processes on this machine (DistributedDataParallel: "
+      "gloo on CPU, nccl with one GPU each on CUDA); several machines: torchrun -m rcdeploy.train.")
+@_opt("--micro-batches", type=click.IntRange(1, 1 << 20), help="Slices of each batch, shared by the ranks (a "
+      "multiple of --nproc; one process computes them in turn, same step). None: --nproc.")
+@_opt("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm across ranks (CUDA only).")
 @_opt("--out", help="Folder for run folders.")
 @_opt("--name", help="Run folder name (none: model-dataset-bits-adv-time); an existing one is refused "
       "unless resumed.")
@@ -220,12 +225,16 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 def train(recipe: str | None, resume: str | None, json_path: str | None, **overrides: Any) -> None:
     """Adversarial quantization-aware training; writes runs/NAME/{best.pt,last.pt,metrics.jsonl,config.yaml}."""
     from rcdeploy.api import train as train_run
+    from rcdeploy.distributed import env_rank
     from rcdeploy.train.progress import RichReporter
 
     _check_out(json_path, "--json")
     for key in ("sparsity_params", "model_args"):
         overrides[key] = _key_values(overrides[key], key) if overrides.get(key) else None
     console = _console()
+    if env_rank() != 0:  # a torchrun rank other than 0: rank 0 reports
+        train_run(recipe, resume=resume, **overrides)
+        return
     with RichReporter(console) as reporter:
         result = train_run(recipe, resume=resume, reporter=reporter, **overrides)
     for key, (old, new) in result.changed.items():
@@ -329,6 +338,16 @@ Examples:
               show_default="1 for tiny inputs, else the libraries' own")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the attacks' random starts and of the latency inputs.")
+@click.option("--nproc", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Processes the clean and attack chunks are shared over (local, gloo); any N gives the same "
+              "per-image results. Each takes cores/N torch threads unless --threads; latency is measured after "
+              "the attacks, by rank 0 alone. Under torchrun, each rank runs its share instead.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Keep each finished chunk here (in a subfolder named by a hash of the model file, images and "
+              "every setting that changes results) and skip the chunks found on a rerun: an interrupted bench "
+              "resumes. Kept after a complete run, so a rerun reads every chunk back; delete it to free the space.",
+              show_default="MODEL.bench-cache beside the model (none if not writable)")
+@click.option("--no-cache", is_flag=True, show_default="off", help="Read and write no chunk cache.")
 @click.option("--isa", help=f"Integer kernels as computed on: {_described(N.ISAS)}; another kind than this "
               "CPU's is emulated by the twin.",
               show_default="this CPU's")
@@ -353,7 +372,10 @@ def bench(model: str, no_latency: bool, latency_seconds: float, **kwargs: Any) -
         check_csv_appendable(csv_path, CSV_COLUMNS, "--csv")
     if json_path is not None and csv_path is not None and Path(json_path) == Path(csv_path):
         raise UsageError(f"--json and --csv both name {json_path}; pass two files")
-    report = bench_run(model, latency=not no_latency, latency_seconds=latency_seconds, progress=True, **kwargs)
+    report = bench_run(model, latency=not no_latency, latency_seconds=latency_seconds, progress=True,
+                       cache=not kwargs.pop("no_cache"), **kwargs)
+    if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return
     # With --json -, stdout carries the JSON alone; the table goes to stderr.
     render_bench(report, _console(stderr=json_path == "-"))
     outputs = _json_output(json_path, report.to_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -88,7 +89,12 @@ class TrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda
-    threads: int | None = None           # torch CPU threads (None: torch's default); tiny inputs run best on 1
+    threads: int | None = None           # torch CPU threads (None: torch's default; per rank: cores / ranks)
+    # scale out (rcdeploy.train.distributed): a step is `micro_batches` slices of the batch, shared by the ranks
+    nproc: int = 1                       # local worker processes (DDP); may change on --resume if it divides
+                                         # micro_batches
+    micro_batches: int | None = None     # slices of each batch (None: nproc); fixed for the run
+    sync_bn: bool = False                # SyncBatchNorm across ranks (CUDA only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +120,7 @@ class TrainConfig:
             _check_low_rank(self)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UsageError(f"--device {self.device!r}: use auto, cpu or cuda")
+        check_scale_out(self)
         if self.name is not None and (self.name in (".", "..", "latest") or "/" in self.name or "\\" in self.name
                                       or self.name.startswith(".")):
             raise UsageError(f"--name {self.name!r}: a run name is one folder name (no '/', not starting with "
@@ -133,6 +140,35 @@ def parse_ratio(value: Any) -> float:
     return ratio
 
 
+def check_scale_out(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """--nproc / --micro-batches / --sync-bn: a batch splits into micro-batches, each rank takes an equal share.
+
+    `world_size` is the job's size when already inside one (torchrun); else --nproc is.
+    """
+    ranks = world_size or _job_size() or cfg.nproc
+    cfg.nproc = ranks  # what the run last ran on (informational; a run may move between rank counts)
+    if cfg.micro_batches is None:
+        cfg.micro_batches = ranks
+    if ranks > cfg.micro_batches:
+        raise UsageError(f"--nproc {ranks} is above the run's {cfg.micro_batches} micro-batch(es): each rank needs "
+                         "at least one (a new run: pass --micro-batches as a multiple of --nproc)")
+    if cfg.micro_batches % ranks:
+        raise UsageError(f"--nproc {ranks} does not divide the run's {cfg.micro_batches} micro-batches: every rank "
+                         "must take the same number")
+    if cfg.micro_batches > cfg.batch_size:
+        raise UsageError(f"--micro-batches {cfg.micro_batches} is above --batch-size {cfg.batch_size}: a "
+                         "micro-batch needs at least one image")
+    if cfg.sync_bn and not str(cfg.device).startswith("cuda"):
+        raise UsageError("--sync-bn needs --device cuda: SyncBatchNorm has no CPU path in PyTorch (on CPU, "
+                         "BatchNorm statistics are per micro-batch and the running averages are averaged each step)")
+
+
+def _job_size() -> int | None:
+    """Inside a torchrun job (RANK and WORLD_SIZE set) its size: that is how many ranks train."""
+    size = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    return size if size > 1 else None
+
+
 def _check_low_rank(cfg: TrainConfig) -> None:
     """What low rank does not compose with yet: refused, never silently wrong."""
     if cfg.prune_channels or cfg.prune_weights or SPARSITY.declaration(cfg.sparsity).kind == WEIGHTS:
@@ -147,7 +183,7 @@ def _check_low_rank(cfg: TrainConfig) -> None:
 
 
 MERGED_SETTINGS = ("sparsity_params", "model_args")  # mappings that overrides extend rather than replace
-RESUME_SETTINGS = ("epochs", "device", "threads")  # what `--resume` may change; anything else would make
+RESUME_SETTINGS = ("epochs", "device", "threads", "nproc")  # what `--resume` may change; anything else would make
                                                    # the continued run a different run
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -195,6 +231,8 @@ FIELD_RANGES: dict[str, V.Check] = {
     "rank_swap_at": V.number(0, 1),
     "seed": V.integer(0, 2**32 - 1),
     "threads": V.optional(V.integer(1, 4096)),
+    "nproc": V.integer(1, 4096),
+    "micro_batches": V.optional(V.integer(1, 1 << 20)),
 }
 
 

@@ -49,6 +49,22 @@ class WorstCase:
         return np.min(np.stack(self.scores), axis=0)
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of one chunk of images: a function of (seed, chunk index) only, so any split of the chunks
+    over ranks, or a rerun of one chunk, crafts the same images and draws the same model noise."""
+    return (seed * 1_000_003 + chunk * 10_007 + 12_345) % (2**31 - 1)
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """[0, n) in consecutive slices of `size` (the last may be shorter)."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def owned(items: list[Any], rank: int, size: int) -> list[tuple[int, Any]]:
+    """(index, item) of the items rank `rank` of `size` works on: every size-th, starting at its rank."""
+    return [(i, it) for i, it in enumerate(items) if i % size == rank]
+
+
 def attack_batches(attack: Any, model: Model, x: torch.Tensor, y: torch.Tensor,
                    batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """(the batch's slice of x, its adversarial images), one batch at a time, each yielded before the next

@@ -179,6 +179,12 @@ class Attack:
         """Per-pixel [lo, hi] of the eps ball intersected with [0, 1], for one-op projection."""
         return (x - self.eps).clamp_(min=0), (x + self.eps).clamp_(max=1)
 
+    def reseed(self, seed: int | None) -> Attack:
+        """Restart the random starts from `seed` (a chunk's own seed: see robustness.chunk_seed); returns self."""
+        self.seed = seed
+        self._generators = {}
+        return self
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The seeded generator for `device`, or None (torch's global RNG) without a seed."""
         if self.seed is None:

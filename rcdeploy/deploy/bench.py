@@ -15,6 +15,13 @@ gradient masking. Per sample, the worst case over clean and every attack run is 
 Stochastic graphs (RandomNormalLike / RandomUniformLike): attacks average `eot` gradient (or
 logit) draws, and every accuracy is the mean over `eot` onnxruntime evaluations.
 
+Sharded and resumable: clean scoring and every attack run chunk by chunk (CHUNK_IMAGES images, the
+same whatever `nproc` is), each chunk from its own seed, so a chunk's per-image results do not depend on
+which process computed it or what ran before it. With `nproc` ranks each takes every nproc-th chunk; the
+per-image results are merged exactly, then every figure is computed as in one process. Finished chunks
+are kept in a cache folder (`rcdeploy.deploy.bench_cache`) and skipped on a rerun. Latency is measured by
+rank 0 alone, after every rank's attacks.
+
 The report is one JSON-able dict: keys carry their unit (`_ms`, `_s`, `_bytes`, `_pct`,
 `_per_s`), and `settings` holds everything the figures depend on.
 """
@@ -39,12 +46,15 @@ from onnx import TensorProto
 
 from rcdeploy import validate as V
 from rcdeploy.artifacts.model_card import ModelCard
+from rcdeploy.deploy.bench_cache import ChunkCache, array_sha256, cache_key, default_dir
+from rcdeploy.distributed import World
 from rcdeploy.errors import UsageError
-from rcdeploy.robustness import WorstCase, craft
+from rcdeploy.robustness import EPS_SLACK, WorstCase, chunk_seed, chunks, craft, owned
 from rcdeploy.units import parse_fraction
 
 __all__ = [
     "ATTACK_BATCH",
+    "CHUNK_IMAGES",
     "DEFAULT_SAMPLES",
     "REPORT_FORMAT",
     "bench_model",
@@ -59,6 +69,9 @@ REPORT_VERSION = 1
 DEFAULT_SAMPLES = 1000  # test images used when --samples is not given (all of them if fewer)
 SUBSET_SEED = 0  # fixed, never --seed: the same images are scored in every run, for every model
 ATTACK_BATCH = 256  # images per attack call (twin autograd memory stays small at CIFAR size)
+CHUNK_IMAGES = 128  # images per chunk: the unit of sharding, seeding and the resume cache (never depends on --nproc)
+CHUNK_ENV = "RCDEPLOY_BENCH_CHUNK"  # overrides CHUNK_IMAGES (tests use small chunks); part of the cache key
+_UNIT_STRIDE = 1_000_000  # chunk_seed's number of (attack a, chunk c): (a + 1) * stride + c; clean is a = -1
 EVAL_BATCH = 256  # images per onnxruntime call when scoring
 TINY_PIXELS = 32 * 32  # C*H*W at or below this: torch and the scoring session use 1 thread by default
 MIN_AGREEMENT_PCT = 99.0  # twin vs onnxruntime top-1 below this: white-box figures are suspect
@@ -306,6 +319,9 @@ class _ProgressSink:
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
+            if exc[0] is not None:  # a failure is one error line: no half-done bars left above it
+                for tid in self._progress.task_ids:
+                    self._progress.update(tid, visible=False)
             self._progress.stop()
 
     def task(self, description: str, total: int, unit: str = "img") -> Callable[..., None]:
@@ -350,8 +366,17 @@ class BenchSettings:
     latency: bool
     latency_seconds: float
     progress: bool | Any
+    cache_dir: Path | None = None  # where finished chunks are kept (None: no cache)
+    chunk: int = CHUNK_IMAGES
+    world: World = field(default_factory=World)
     notes: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
+    _sha256: str | None = None
+
+    def model_sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = _sha256(self.path)
+        return self._sha256
 
     @property
     def emulated(self) -> bool:
@@ -372,6 +397,7 @@ class BenchImages:
     y: Any  # torch.Tensor [n]
     n_total: int
     data_dir: str | Path | None
+    index: Any = None  # np.ndarray [n]: the images' indices in the test split
     eps: float = 0.0
     eps_source: str = ""
 
@@ -400,7 +426,10 @@ def bench_model(
     progress: bool | Any = True,
     isa: str | None = None,
     runtime: str = "onnxruntime",
-) -> dict[str, Any]:
+    nproc: int = 1,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any] | None:
     """Bench the ONNX file `model`; returns the report (JSON-able, units in the key names).
 
     attacks: comma list (`fgsm`, `ifgsmN`, `pgdN`, `cwN`, `squareN`) or 'none'.
@@ -420,24 +449,86 @@ def bench_model(
         emulates it and scores every image in place of onnxruntime (the report says so).
     runtime: 'onnxruntime' or 'openvino' (optional extra): the runtime that scores the images and is
         timed; the twin, the attacks' gradients and the static checks stay onnxruntime's graph semantics.
+    nproc: worker processes the clean and attack chunks are shared over (spawned here, joined with gloo);
+        every split gives the same per-image results as one process. Each takes max(1, cores // nproc)
+        torch threads unless `threads`. Under torchrun (WORLD_SIZE > 1) this process runs as its rank
+        instead and `nproc` is ignored; ranks other than 0 return None.
+    cache / cache_dir: keep each finished chunk in `cache_dir` (default `<model file>.bench-cache/`
+        beside the model; see rcdeploy.deploy.bench_cache) and skip the chunks found there on a rerun
+        with the same model, images and settings, so an interrupted bench resumes. Kept after a complete
+        run (a rerun reads every chunk back); `cache=False` reads and writes nothing.
     """
-    s = resolve_settings(model, attacks=attacks, dataset=dataset, data_dir=data_dir, samples=samples, eps=eps,
-                         step=step, restarts=restarts, eot=eot, target=target, batch_sizes=batch_sizes, seed=seed,
-                         threads=threads, latency=latency, latency_seconds=latency_seconds, progress=progress,
-                         isa=isa, runtime=runtime)
+    kw: dict[str, Any] = dict(attacks=attacks, dataset=dataset, data_dir=data_dir, samples=samples, eps=eps,
+                              step=step, restarts=restarts, eot=eot, target=target, batch_sizes=batch_sizes,
+                              seed=seed, threads=threads, latency=latency, latency_seconds=latency_seconds,
+                              progress=progress, isa=isa, runtime=runtime, cache=cache, cache_dir=cache_dir)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise UsageError(f"--nproc must be an integer >= 1, got {nproc!r}")
+    if nproc > 1 and not _in_job():
+        resolve_settings(model, **kw)  # bad input fails here, in a second, before any worker starts
+        return _launch_bench(nproc, model, kw)
+    world = World.from_env()
+    s = resolve_settings(model, world=world, **kw)
     images = load_images(s)
     scorer = Scorer.open(s, images)
-    accuracy = score_clean(s, images, scorer)
-    run_attacks(s, images, scorer, accuracy)
+    accuracy = evaluate(s, images, scorer)
+    # Every rank's chunks are done (the merge was a collective); the others leave now, so rank 0 measures
+    # size and latency on a machine nothing else of this bench loads (a rank waiting in a barrier instead
+    # could time out during a long latency run and take rank 0's report down with it).
+    world.barrier()
+    if not world.main:
+        return None
     graph, size = measure_size(s, accuracy["flags"])
     lat, errors = measure_latency(s, graph, size)
     return build_report(s, images, scorer, accuracy, size, lat, errors)
 
 
+def _in_job() -> bool:
+    """Whether this process is a rank of a torchrun / launch job (WORLD_SIZE > 1)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _launch_bench(nproc: int, model: str | Path, kw: dict[str, Any]) -> dict[str, Any] | None:
+    """`nproc` local ranks of `bench_model`; rank 0's report. A SIGTERM / Ctrl-C here stops the workers
+    (torch's elastic agent forwards it) and is a KeyboardInterrupt, as in one process."""
+    import signal
+    import threading
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from rcdeploy.distributed import launch
+
+    kw = {**kw, "progress": bool(kw["progress"])}  # a Console does not cross processes; rank 0 draws its own
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    saved = {}
+    if threading.current_thread() is threading.main_thread():  # the agent installs its own handlers
+        saved = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    try:
+        return launch(nproc, _bench_rank, str(model), kw)
+    except SignalException:
+        raise KeyboardInterrupt from None
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _bench_rank(model: str, kw: dict[str, Any]) -> dict[str, Any] | None:
+    """One launched rank (module level: spawned workers unpickle it by name). SIGTERM, which the agent
+    sends to stop the workers, unwinds like Ctrl-C, so a chunk being written leaves no temp file behind."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    return bench_model(model, **kw)
+
+
 # ------------------------------------------------------------------------------------- 1. settings
 
 
-def resolve_settings(model: str | Path, **kw: Any) -> BenchSettings:
+def resolve_settings(model: str | Path, world: World | None = None, **kw: Any) -> BenchSettings:
     """Check every option (cheap, before any data is loaded) and resolve the model, its card and the CPU."""
     from rcdeploy.runtime.cpu import cpu_kind, resolve_isa
     from rcdeploy.runtime.session import check_runtime, get_target, load_model_proto
@@ -463,12 +554,48 @@ def resolve_settings(model: str | Path, **kw: Any) -> BenchSettings:
     eps_flag, step_v = _checked_eps_step(kw["eps"], kw["step"])
     if card is not None and card.input_range is not None and card.input_range not in ([0, 1], [0.0, 1.0]):
         raise UsageError(f"{card.path}: input range {card.input_range} is not [0, 1]; bench attacks images in [0, 1]")
+    world = world or World()
+    notes = [sidecar_note] if sidecar_note else []
+    cache_dir = _cache_dir(path, kw.get("cache", True), kw.get("cache_dir"), notes)
     return BenchSettings(
         path=path, proto=proto, input_name=input_name, dims=dims, card=card, profile=profile, isa=isa_v, cpu=here,
         runtime=runtime, batch_sizes=sizes, attack_spec=spec, eps_flag=eps_flag, step=step_v, dataset=kw["dataset"],
         data_dir=kw["data_dir"], samples=kw["samples"], restarts=kw["restarts"], eot=kw["eot"], seed=kw["seed"],
-        threads=kw["threads"], latency=kw["latency"], latency_seconds=kw["latency_seconds"], progress=kw["progress"],
-        notes=[sidecar_note] if sidecar_note else [])
+        threads=kw["threads"], latency=kw["latency"], latency_seconds=kw["latency_seconds"],
+        progress=kw["progress"] if world.main else False, cache_dir=cache_dir, chunk=_chunk_images(), world=world,
+        notes=notes)
+
+
+def _cache_dir(path: Path, cache: bool, cache_dir: str | Path | None, notes: list[str]) -> Path | None:
+    """The chunk cache's folder: the one given (checked writable now), else `<model>.bench-cache` beside
+    the model when that can be written (else none, with a note); None with cache off."""
+    from rcdeploy.io import check_folder_writable
+
+    if not cache:
+        if cache_dir is not None:
+            raise UsageError("--cache-dir and --no-cache contradict each other; pass one")
+        return None
+    if cache_dir is not None:
+        return check_folder_writable(cache_dir, "--cache-dir")
+    folder = default_dir(path)
+    where = folder if folder.exists() else folder.parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        notes.append(f"no bench cache: {where} is not writable (pass --cache-dir to make the bench resumable)")
+        return None
+    return folder
+
+
+def _chunk_images() -> int:
+    text = os.environ.get(CHUNK_ENV)
+    if text is None:
+        return CHUNK_IMAGES
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= _UNIT_STRIDE - 1:
+        raise UsageError(f"{CHUNK_ENV}={text!r}: images per chunk must be an integer >= 1")
+    return n
 
 
 def _check_numbers(kw: dict[str, Any]) -> None:
@@ -532,7 +659,7 @@ def _test_subset(s: BenchSettings, data: Any, data_dir: str | Path | None) -> Be
         s.notes.append(f"--samples {s.samples}: the {meta.name} test split has {n_total} images, all used")
     idx = _subset(n_total, n)
     return BenchImages(meta=meta, x=data.test.x[idx].cpu().float().contiguous(), y=data.test.y[idx].cpu().long(),
-                       n_total=n_total, data_dir=data_dir)
+                       n_total=n_total, data_dir=data_dir, index=idx)
 
 
 def _resolve_eps(s: BenchSettings, meta: Any, from_card: bool) -> tuple[float, str]:
@@ -567,7 +694,7 @@ class Scorer:
         self.stochastic = _is_stochastic(s.proto)
         self.classes = 0  # logits per image, set when the clean images are scored
         self.clean_preds = np.empty((0, 0), dtype=np.int64)  # [draws, N] top-1 on clean images
-        self.attack_list: list[Any] = []  # the attacks run, set by run_attacks
+        self.attack_list: list[Any] = []  # the attacks run, set by evaluate
         self._surrogate: Any = None  # the smooth surrogate, built when an `@smooth` attack first needs it
 
     @classmethod
@@ -581,13 +708,34 @@ class Scorer:
         if stochastic and s.eot == 1:  # RobustBench's rule for randomized defenses: expectation over draws
             s.notes.append("the graph draws noise and --eot is 1: attacks step on one draw's gradient and every "
                            "accuracy is one draw; pass --eot N (e.g. 20) for EOT figures")
+        if stochastic and s.runtime != "onnxruntime" and not s.emulated:
+            s.notes.append(f"the graph draws noise and {s.runtime} takes no seed: its figures vary from run to run "
+                           "(and with --nproc), and cached chunks keep the draws they were scored with")
         pixels = int(np.prod(images.x.shape[1:]))
-        work_threads = s.threads if s.threads is not None else (1 if pixels <= TINY_PIXELS else None)
+        if s.threads is not None:
+            work_threads = s.threads
+        elif pixels <= TINY_PIXELS:
+            work_threads = 1
+        else:  # ranks share the cores
+            work_threads = max(1, (os.cpu_count() or 1) // s.world.size) if s.world.distributed else None
         # Scoring uses every core whatever the target (mobile's one thread is a latency setting only).
         session = open_runtime_session(s.path, runtime=s.runtime, target=s.profile.name,
                                        threads=work_threads or os.cpu_count() or 1)
         twin, twin_error, build_s = _build_twin(s)
         return cls(s, session, twin, twin_error, build_s, draws, work_threads)
+
+    def reseed(self, seed: int) -> None:
+        """Before a chunk: a stochastic graph's onnxruntime noise restarts from `seed` (a new session takes
+        onnxruntime's global seed), so the chunk's draws do not depend on the chunks scored before it."""
+        if not (self.stochastic and self.s.runtime == "onnxruntime" and not self.s.emulated):
+            return
+        import onnxruntime as ort
+
+        from rcdeploy.runtime.session import open_runtime_session
+
+        ort.set_seed(seed)
+        self.session = open_runtime_session(self.s.path, runtime=self.s.runtime, target=self.s.profile.name,
+                                            threads=self.work_threads or os.cpu_count() or 1)
 
     def preds(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """Top-1 predictions [draws, N]: onnxruntime on this CPU, or the twin emulating --isa."""
@@ -648,19 +796,213 @@ def _build_twin(s: BenchSettings) -> tuple[Any, UsageError | None, float]:
     return twin, twin_error, build_s
 
 
-# ----------------------------------------------------------------------------------------- 4. clean
+# ---------------------------------------------------------------------------- 4-5. clean and attacks
+#
+# The work is cut into units: (clean or attack a, chunk c), a chunk being `s.chunk` consecutive images
+# (CHUNK_IMAGES, whatever --nproc is). Before a unit, the attack's generator and torch's global RNG (the
+# twin's noise ops draw from it) are seeded with chunk_seed(seed, (a + 1) * _UNIT_STRIDE + c), and a
+# stochastic graph's onnxruntime session is reopened on that seed, so a unit's per-image results are a
+# function of the unit alone: any split of the units over ranks, and any rerun of a unit, gives the same
+# results. Rank r of N takes every N-th unit (`owned`), reads it from the chunk cache or computes and
+# saves it; the per-image arrays are then summed over the ranks (each image's slot is filled by exactly
+# one rank, the others add zeros, so the sum is exact), and every figure is computed from the merged arrays
+# exactly as for one process.
 
 
-def score_clean(s: BenchSettings, images: BenchImages, scorer: Scorer) -> dict[str, Any]:
-    """Clean accuracy (the accuracy section so far), and the per-sample clean score kept on the scorer."""
-    y_np = images.y.numpy()
-    clean_preds, classes = scorer.preds(images.x.numpy())
+@dataclass(frozen=True)
+class _Unit:
+    attack: int  # index into the attack list; -1: the clean images
+    chunk: int
+    part: slice
+
+    @property
+    def number(self) -> int:
+        """The unit's number for chunk_seed: distinct for every (attack, chunk)."""
+        return (self.attack + 1) * _UNIT_STRIDE + self.chunk
+
+    @property
+    def size(self) -> int:
+        return self.part.stop - self.part.start
+
+
+class _Results:
+    """Per-image results of every unit in zero-filled float64 arrays (the layout the ranks sum)."""
+
+    def __init__(self, n: int, draws: int, attacks: int, n_chunks: int, n_units: int) -> None:
+        z = np.zeros
+        self.arrays: dict[str, np.ndarray] = {
+            "clean_preds": z((draws, n)), "clean_agree": z(n), "classes": z(n_chunks),
+            "preds": z((attacks, draws, n)), "agree": z((attacks, n)), "pert": z((attacks, n)),
+            "in_range": z((attacks, n)), "queries": z((attacks, n)), "time_s": z((attacks, n_chunks)),
+            "computed": z(n_units), "cached": z(n_units), "cache_failures": z(1),
+        }
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def fill(self, unit: _Unit, data: dict[str, np.ndarray]) -> None:
+        a, p, c = unit.attack, unit.part, unit.chunk
+        if a < 0:
+            self["clean_preds"][:, p] = data["preds"]
+            self["classes"][c] = data["classes"]
+            if "agree" in data:
+                self["clean_agree"][p] = data["agree"]
+            return
+        self["preds"][a][:, p] = data["preds"]
+        self["pert"][a, p] = data["pert"]
+        self["in_range"][a, p] = data["in_range"]
+        self["time_s"][a, c] = data["time_s"]
+        for name in ("agree", "queries"):
+            if name in data:
+                self[name][a, p] = data[name]
+
+    def merged(self, world: World) -> _Results:
+        """The sum over ranks (in place; one all-reduce of every array packed together)."""
+        if world.distributed:
+            import torch
+
+            names = list(self.arrays)
+            flat = torch.from_numpy(np.concatenate([self.arrays[k].ravel() for k in names]))
+            world.sum_(flat)
+            out, at = flat.numpy(), 0
+            for k in names:
+                size = self.arrays[k].size
+                self.arrays[k] = out[at : at + size].reshape(self.arrays[k].shape).copy()
+                at += size
+        return self
+
+
+def evaluate(s: BenchSettings, images: BenchImages, scorer: Scorer) -> dict[str, Any]:
+    """Clean and robust accuracy (the report's accuracy section), this rank's share of the chunks computed
+    or read from the cache, merged exactly over the ranks; the per-image worst case, twin agreement, flags."""
+    import torch
+
+    from rcdeploy.attacks import parse_attacks
+
+    attack_list = [] if s.no_attacks else parse_attacks(s.attack_spec, eps=images.eps, step=s.step,
+                                                       restarts=s.restarts, eot=scorer.draws, seed=s.seed)
+    scorer.attack_list = attack_list
+    if scorer.twin is None and any(a.family != "square" for a in attack_list):
+        raise UsageError(f"{s.path}: white-box attacks need the differentiable twin, which cannot be built "
+                         f"({scorer.twin_error}); run squareN only") from None
+    parts = chunks(images.n, s.chunk)
+    units = [_Unit(a, c, p) for a in range(-1, len(attack_list)) for c, p in enumerate(parts)]
+    cache = _open_cache(s, images, scorer, attack_list)
+    local = _Results(images.n, scorer.draws, len(attack_list), len(parts), len(units))
+    mine = owned(units, s.world.rank, s.world.size)
+    seeds = [a.seed for a in attack_list]
+    try:
+        with _torch_threads(scorer.work_threads), torch.random.fork_rng(devices=[]), \
+                _ProgressSink(s.progress) as sink:
+            updates = _progress_tasks(s, sink, attack_list, [u for _, u in mine])
+            for i, unit in mine:
+                atk = attack_list[unit.attack] if unit.attack >= 0 else None
+                name = cache.name(unit.attack, atk.name if atk is not None else "clean", unit.chunk)
+                data = cache.load(name, _unit_shapes(unit, atk, scorer))
+                if data is None:
+                    data = _compute_unit(s, images, scorer, atk, unit)
+                    cache.save(name, data)
+                    local["computed"][i] = 1
+                else:
+                    local["cached"][i] = 1
+                local.fill(unit, data)
+                updates[unit.attack](advance=unit.size)
+    finally:
+        for atk, seed in zip(attack_list, seeds):
+            atk.reseed(seed)  # the report's settings show the run's seed, not the last chunk's
+    local["cache_failures"][0] = 1.0 if cache.failure else 0.0
+    merged = local.merged(s.world)
+    return _accuracy(s, images, scorer, merged, cache, len(units))
+
+
+def _open_cache(s: BenchSettings, images: BenchImages, scorer: Scorer, attack_list: list[Any]) -> ChunkCache:
+    """The chunk cache folder of these settings (no cache without attacks: clean scoring is one quick pass)."""
+    if s.cache_dir is None or not attack_list:
+        return ChunkCache(None)
+    fields = {
+        "model_sha256": s.model_sha256(), "images_sha256": array_sha256(images.x.numpy(), images.y.numpy()),
+        "dataset": images.meta.name, "samples": images.n, "eps": images.eps,
+        "attacks": [a.to_dict() for a in attack_list], "evaluation_draws": scorer.draws, "seed": s.seed,
+        "isa": s.isa, "emulated": s.emulated, "runtime": s.runtime, "target": s.profile.name,
+        "chunk_images": s.chunk, "twin": scorer.twin is not None,
+    }
+    key, described = cache_key(fields)
+    return ChunkCache(s.cache_dir / key, described)
+
+
+def _progress_tasks(s: BenchSettings, sink: _ProgressSink, attack_list: list[Any],
+                    mine: list[_Unit]) -> dict[int, Callable[..., None]]:
+    """One progress task per attack, over the images of this rank's chunks (clean scoring is quick: no bar)."""
+    where = f", rank {s.world.rank} of {s.world.size}" if s.world.distributed else ""
+    tasks: dict[int, Callable[..., None]] = {-1: lambda advance=0, description=None: None}
+    for a in range(len(attack_list)):
+        total = sum(u.size for u in mine if u.attack == a)
+        atk = attack_list[a]
+        source = "queries" if atk.black_box else atk.gradients
+        tasks[a] = sink.task(f"{atk.name} ({_SOURCE_LABELS[source].format(runtime=s.runtime)}{where})", total)
+    return tasks
+
+
+def _unit_shapes(unit: _Unit, atk: Any, scorer: Scorer) -> dict[str, tuple[int, ...]]:
+    """The arrays a unit's cache file must hold, with their shapes."""
+    m = unit.size
+    shapes: dict[str, tuple[int, ...]] = {"preds": (scorer.draws, m)}
+    if scorer.twin is not None:
+        shapes["agree"] = (m,)
+    if atk is None:
+        shapes["classes"] = ()
+        return shapes
+    shapes.update({"pert": (m,), "in_range": (m,), "time_s": ()})
+    if hasattr(atk, "queries_used"):
+        shapes["queries"] = (m,)
+    return shapes
+
+
+def _compute_unit(s: BenchSettings, images: BenchImages, scorer: Scorer, atk: Any,
+                  unit: _Unit) -> dict[str, np.ndarray]:
+    """One unit, from its own seed: the clean images scored, or an attack's images crafted and scored."""
+    import torch
+
+    seed = chunk_seed(s.seed, unit.number)
+    torch.manual_seed(seed)
+    scorer.reseed(seed)
+    x, y = images.x[unit.part], images.y[unit.part]
+    if atk is None:
+        preds, classes = scorer.preds(x.numpy())
+        _check_classes(s, images, classes)
+        out = {"preds": preds.astype(np.int64), "classes": np.array(classes, dtype=np.int64)}
+        scored = x
+    else:
+        atk.reseed(seed)
+        made = craft(atk, scorer.gradient_model(atk), x, y, ATTACK_BATCH)
+        scored = made.x_adv
+        preds, _ = scorer.preds(scored.numpy())
+        flat = scored.flatten(1)
+        out = {"preds": preds.astype(np.int64), "pert": (flat - x.flatten(1)).abs().amax(1).numpy(),
+               "in_range": ((flat.amin(1) >= 0.0) & (flat.amax(1) <= 1.0)).numpy(),
+               "time_s": np.array(made.time_s)}
+        if made.queries is not None:
+            out["queries"] = made.queries.numpy()
+    if scorer.twin is not None:
+        out["agree"] = scorer.twin_agreement(scored, scorer.runtime_preds(scored.numpy(), preds))
+    return out
+
+
+def _check_classes(s: BenchSettings, images: BenchImages, classes: int) -> None:
     if classes < images.meta.num_classes:
         raise UsageError(f"{s.path}: the model outputs {classes} logits, dataset {images.meta.name!r} has "
                          f"{images.meta.num_classes} classes; pass the --dataset the model was trained on")
-    scorer.classes, scorer.clean_preds = classes, clean_preds
+
+
+def _accuracy(s: BenchSettings, images: BenchImages, scorer: Scorer, r: _Results, cache: ChunkCache,
+              n_units: int) -> dict[str, Any]:
+    """The accuracy section from the merged per-image arrays (the same on every rank)."""
+    y_np = images.y.numpy()
     n = images.n
-    return {
+    clean_preds = r["clean_preds"].astype(np.int64)
+    scorer.classes, scorer.clean_preds = int(r["classes"].max()), clean_preds
+    _check_classes(s, images, scorer.classes)
+    accuracy: dict[str, Any] = {
         "samples": n,
         "test_split_images": images.n_total,
         "subset": "all test images" if n == images.n_total else
@@ -669,43 +1011,26 @@ def score_clean(s: BenchSettings, images: BenchImages, scorer: Scorer) -> dict[s
         "clean_acc_pct": _pct((clean_preds == y_np[None]).mean(0).mean()),
         "clean_acc_draws_pct": [_pct((p == y_np).mean()) for p in clean_preds],
     }
-
-
-# --------------------------------------------------------------------------------------- 5. attacks
-
-
-def run_attacks(s: BenchSettings, images: BenchImages, scorer: Scorer, accuracy: dict[str, Any]) -> None:
-    """Every attack, scored on the runtime; the per-image worst case, twin agreement and flags into `accuracy`."""
-    import torch
-
-    from rcdeploy.attacks import parse_attacks
-
-    attack_list = [] if s.no_attacks else parse_attacks(s.attack_spec, eps=images.eps, step=s.step,
-                                                       restarts=s.restarts, eot=scorer.draws, seed=s.seed)
-    scorer.attack_list = attack_list
-    y_np = images.y.numpy()
     worst = WorstCase()
-    worst.add("clean", (scorer.clean_preds == y_np[None]).mean(0))
+    worst.add("clean", (clean_preds == y_np[None]).mean(0))
+    twin_info = _twin_info(s, scorer, r["clean_agree"] > 0.5)
     robust: list[dict[str, Any]] = []
     flags: list[str] = []
     adv_agree: list[np.ndarray] = []
-    with _torch_threads(scorer.work_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(s.seed)
-        twin_info = _twin_clean_agreement(s, images, scorer, white=any(a.family != "square" for a in attack_list))
-        with _ProgressSink(s.progress) as sink:
-            for atk in attack_list:
-                row, score, agree = _one_attack(s, images, scorer, atk, sink)
-                worst.add(atk.name, score)
-                if agree is not None:
-                    adv_agree.append(agree)
-                if not row["within_eps"] or not row["in_unit_range"]:
-                    flags.append(f"{atk.name} produced images outside the eps ball or [0, 1] "
-                                 f"(max |x_adv - x| = {row['max_perturbation']:.6g}, eps {atk.eps:g}): its figure "
-                                 "is invalid")
-                robust.append(row)
+    for a, atk in enumerate(scorer.attack_list):
+        row, score = _attack_row(s, images, atk, r, a)
+        worst.add(atk.name, score)
+        if scorer.twin is not None:
+            agree = r["agree"][a] > 0.5
+            row["twin_agreement_pct"] = _pct(agree.mean())
+            adv_agree.append(agree)
+        if not row["within_eps"] or not row["in_unit_range"]:
+            flags.append(f"{atk.name} produced images outside the eps ball or [0, 1] "
+                         f"(max |x_adv - x| = {row['max_perturbation']:.6g}, eps {atk.eps:g}): its figure is invalid")
+        robust.append(row)
     if scorer.twin is not None and adv_agree:
         twin_info["adversarial_agreement_pct"] = _pct(np.concatenate(adv_agree).mean())
-    flags += _agreement_flags(s, scorer, twin_info) + gradient_masking_flags(robust, images.n)
+    flags += _agreement_flags(s, scorer, twin_info) + gradient_masking_flags(robust, n)
     accuracy["robust"] = robust
     if robust:
         accuracy["worst_case_acc_pct"] = _pct(worst.worst.mean())
@@ -713,52 +1038,66 @@ def run_attacks(s: BenchSettings, images: BenchImages, scorer: Scorer, accuracy:
         accuracy["first_broken_by"] = first_broken_by(worst)
     accuracy["twin"] = twin_info
     accuracy["flags"] = flags
+    accuracy["chunks"] = _chunk_section(s, r, cache, n_units)
+    accuracy["per_image"] = {
+        "test_index": [int(i) for i in images.index] if images.index is not None else None,
+        "order": worst.names,
+        "correct_draws": [[int(round(v)) for v in sc * scorer.draws] for sc in worst.scores],
+        "of_draws": scorer.draws,
+    }
+    return accuracy
 
 
-def _twin_clean_agreement(s: BenchSettings, images: BenchImages, scorer: Scorer, white: bool) -> dict[str, Any]:
+def _attack_row(s: BenchSettings, images: BenchImages, atk: Any, r: _Results,
+                a: int) -> tuple[dict[str, Any], np.ndarray]:
+    """One attack's report row from the merged arrays, and its per-image score."""
+    y_np = images.y.numpy()
+    preds = r["preds"][a].astype(np.int64)
+    score = (preds == y_np[None]).mean(0)
+    source = "queries" if atk.black_box else atk.gradients
+    max_pert = float(r["pert"][a].max()) if images.n else 0.0
+    time_s = float(r["time_s"][a].sum())
+    row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradient_source": source,
+           "gradients": _GRADIENT_TEXT[source].format(runtime=s.runtime),
+           "robust_acc_pct": _pct(score.mean()),
+           "robust_acc_draws_pct": [_pct((p == y_np).mean()) for p in preds],
+           "max_perturbation": max_pert, "eps": atk.eps, "within_eps": bool(max_pert <= atk.eps + EPS_SLACK),
+           "in_unit_range": bool((r["in_range"][a] > 0.5).all()), "time_s": time_s,
+           "img_per_s": images.n / time_s if time_s else None}
+    if atk.black_box and hasattr(atk, "queries_used"):
+        q = r["queries"][a]
+        row["queries_mean"] = float(q.mean())
+        row["queries_max"] = int(q.max())
+    return row, score
+
+
+def _twin_info(s: BenchSettings, scorer: Scorer, clean_agree: np.ndarray) -> dict[str, Any]:
     """The twin's section: how it was built and its top-1 agreement with the runtime on clean images."""
     if scorer.twin is None:
-        if white:
-            raise UsageError(f"{s.path}: white-box attacks need the differentiable twin, which cannot be built "
-                             f"({scorer.twin_error}); run squareN only") from None
         s.notes.append(f"twin unavailable ({scorer.twin_error}); no twin agreement reported")
         return {"available": False, "reason": str(scorer.twin_error)}
     info: dict[str, Any] = {"available": True, "build_s": scorer.twin_build_s, "straight_through": True,
-                            "noise": scorer.stochastic, "isa": s.isa}
-    runtime_clean = scorer.runtime_preds(images.x.numpy(), scorer.clean_preds)
-    info["clean_agreement_pct"] = _pct(scorer.twin_agreement(images.x, runtime_clean).mean())
+                            "noise": scorer.stochastic, "isa": s.isa,
+                            "clean_agreement_pct": _pct(clean_agree.mean())}
     if scorer.stochastic:
         s.notes.append("the graph draws noise: twin agreement compares one draw of each, so it is below "
                        "what a deterministic graph would give")
     return info
 
 
-def _one_attack(s: BenchSettings, images: BenchImages, scorer: Scorer, atk: Any,
-                sink: _ProgressSink) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
-    """Craft (twin gradients, or runtime queries for Square), score on the runtime: the report row."""
-    box = atk.black_box
-    source = "queries" if box else atk.gradients
-    update = sink.task(f"{atk.name} ({_SOURCE_LABELS[source].format(runtime=s.runtime)})", images.n)
-    made = craft(atk, scorer.gradient_model(atk), images.x, images.y, ATTACK_BATCH,
-                 on_batch=lambda k: update(advance=k))
-    y_np = images.y.numpy()
-    preds, _ = scorer.preds(made.x_adv.numpy())
-    score = (preds == y_np[None]).mean(0)
-    row = {"name": atk.name, "family": atk.family, "settings": atk.to_dict(), "gradient_source": source,
-           "gradients": _GRADIENT_TEXT[source].format(runtime=s.runtime),
-           "robust_acc_pct": _pct(score.mean()),
-           "robust_acc_draws_pct": [_pct((p == y_np).mean()) for p in preds],
-           "max_perturbation": made.max_perturbation, "eps": atk.eps, "within_eps": bool(made.within_eps),
-           "in_unit_range": made.in_unit_range, "time_s": made.time_s,
-           "img_per_s": images.n / made.time_s if made.time_s else None}
-    if box and made.queries is not None:
-        row["queries_mean"] = float(made.queries.mean())
-        row["queries_max"] = int(made.queries.max())
-    agree = None
-    if scorer.twin is not None:
-        agree = scorer.twin_agreement(made.x_adv, scorer.runtime_preds(made.x_adv.numpy(), preds))
-        row["twin_agreement_pct"] = _pct(agree.mean())
-    return row, score, agree
+def _chunk_section(s: BenchSettings, r: _Results, cache: ChunkCache, n_units: int) -> dict[str, Any]:
+    """How the work was cut, shared and resumed."""
+    computed, cached = int(r["computed"].sum()), int(r["cached"].sum())
+    if cached:
+        s.notes.append(f"{cached} of {n_units} chunks read from the bench cache {cache.folder} (same model, images "
+                       "and settings); delete it to compute them again")
+    if r["cache_failures"][0] > 0:
+        s.notes.append(f"the bench cache could not be written ({cache.failure or 'on another rank'}); "
+                       "the results are complete, but an interrupted rerun would start over")
+    return {"images_per_chunk": s.chunk, "chunks": n_units, "computed": computed, "from_cache": cached,
+            "ranks": s.world.size, "cache_dir": str(cache.folder) if cache.folder is not None else None,
+            "time_s_is": "attack rows' time_s: crafting seconds summed over chunks (over every rank with --nproc; "
+                         "a chunk read from the cache counts the time it took when computed)"}
 
 
 _SOURCE_LABELS = {"queries": "{runtime}", "ste": "twin gradients", "smooth": "smooth surrogate gradients"}
@@ -853,7 +1192,7 @@ def build_report(s: BenchSettings, images: BenchImages, scorer: Scorer, accuracy
         "model": {
             "path": str(s.path),
             "name": s.path.stem if s.path.stem != "model" else f"{s.path.parent.name}/{s.path.name}",
-            "file_sha256": _sha256(s.path),
+            "file_sha256": s.model_sha256(),
             "sidecar": str(card.path) if card is not None else None,
             "architecture": card.architecture if card is not None else None,
             "bits": card.bits if card is not None else None,
@@ -870,7 +1209,9 @@ def build_report(s: BenchSettings, images: BenchImages, scorer: Scorer, accuracy
         "errors": errors,
         "units": {"_pct": "percent of scored test images", "_ms": "milliseconds", "_s": "seconds",
                   "_bytes": "bytes", "img_per_s": "images per second at the median latency",
-                  "eps/step/max_perturbation": "L-inf, [0, 1] image units", "macs": "multiply-accumulates per image"},
+                  "eps/step/max_perturbation": "L-inf, [0, 1] image units", "macs": "multiply-accumulates per image",
+                  "time_s (attack rows)": "seconds crafting, summed over chunks and ranks (a chunk read from the "
+                                          "bench cache counts the time it took when computed)"},
         "versions": _versions(s.runtime),
         "time_s": time.perf_counter() - s.t_start,
     }
@@ -896,6 +1237,8 @@ def _settings_section(s: BenchSettings, images: BenchImages, scorer: Scorer) -> 
         "target": s.profile.name,
         "batch_sizes": s.batch_sizes,
         "seed": s.seed,
+        "nproc": s.world.size,
+        "chunk_images": s.chunk,
         "torch_threads": scorer.work_threads if scorer.work_threads is not None else torch.get_num_threads(),
         "scoring_ort_threads": scorer.work_threads or os.cpu_count() or 1,
         "latency_min_seconds": s.latency_seconds if s.latency else None,

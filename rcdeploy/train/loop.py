@@ -18,14 +18,15 @@ from torch import nn
 
 import rcdeploy
 from rcdeploy.attacks import parse_attacks
-from rcdeploy.config import AUTO_BITS, TrainConfig, dump_yaml, resume_config
+from rcdeploy.config import AUTO_BITS, TrainConfig, check_scale_out, dump_yaml, resume_config
 from rcdeploy.data import Dataset, Split, augment, iterate_batches, load_dataset
+from rcdeploy.distributed import World, env_rank, local_device, unwrap
 from rcdeploy.errors import UsageError
 from rcdeploy.io import atomic_write_text
 from rcdeploy.quant.calibrate import calibrate_activations
 from rcdeploy.quant.presets import ACT_CALIBRATION_STEPS
 from rcdeploy.quant.spec import QuantSpec
-from rcdeploy.robustness import attack_batches
+from rcdeploy.robustness import attack_batches, chunk_seed, chunks, owned
 from rcdeploy.train.checkpoint import (
     FORMAT,
     VERSION,
@@ -36,7 +37,17 @@ from rcdeploy.train.checkpoint import (
     model_spec,
 )
 from rcdeploy.train.objectives import OBJECTIVES, AdvSettings
-from rcdeploy.train.rundir import check_new_run, locked, new_run, point_latest
+from rcdeploy.train.rundir import check_new_run, locked, new_run, point_latest, run_name
+from rcdeploy.train.scaleout import (
+    BatchNormAverager,
+    batches_per_epoch,
+    micro_key,
+    micro_slices,
+    mine,
+    no_sync,
+    threads_per_rank,
+    wrap,
+)
 from rcdeploy.train.unstructured import sparsity_report
 
 
@@ -66,10 +77,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def batch_generator(seed: int, epoch: int, batch: int, device: torch.device) -> torch.Generator:
-    """A generator per (seed, epoch, batch): any batch replays identically, so resume is exact."""
+def batch_generator(seed: int, epoch: int, batch: int, device: torch.device, micro: int = 0) -> torch.Generator:
+    """A generator per (seed, epoch, batch, micro-batch): any micro-batch replays identically on any rank,
+    so resume is exact and N ranks compute what one process computes."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + epoch * 10_007 + batch) % (2**63 - 1))
+    g.manual_seed(micro_key(seed, epoch, batch, micro))
     return g
 
 
@@ -118,11 +130,6 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> float:
-    """Correct predictions, averaged over `draws` forward passes (one for a deterministic model)."""
-    return float(_correct_each(model, x, y, draws).sum())
-
-
 def _correct_each(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> torch.Tensor:
     """Per sample, the fraction of `draws` forward passes that classify it right."""
     return sum((model(x).argmax(1) == y).double() for _ in range(draws)) / draws
@@ -143,35 +150,46 @@ def validation_attacks(names: str, eps: float, seed: int = 0, eot: int = 1) -> l
     return attacks
 
 
-def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500, draws: int = 1) -> float:
-    return sum(_correct(model, x[i:i + batch], y[i:i + batch], draws) for i in range(0, len(x), batch))
-
-
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_name: str, eps: float,
-             seed: int = 0, batch: int = 500, eot: int = 1) -> dict[str, float]:
+             seed: int = 0, batch: int = 500, eot: int = 1, world: World | None = None) -> dict[str, float]:
     """Clean and robust accuracy (in %) of `model` on (x, y) under `attack_name` at `eps`.
 
     eot: for stochastic models, the attack averages its gradients over `eot` draws and both accuracies
     are the mean over `eot` forward passes (expectation over transformation).
 
-    The attack runs through `robustness.attack_batches`, bench's crafting loop; each batch is scored as it
-    comes, so the noise of a stochastic model is drawn in the order the figures were first made with.
-    Robust accuracy is accuracy under the attack; with several (a comma list or a preset such as
-    autoattack-fast), per sample the worst over them, as bench counts it (bench adds clean to the minimum).
+    The images go in chunks of `batch`; each chunk's attack starts and model noise are seeded by the chunk
+    alone (`robustness.chunk_seed`), so with a `world` of N ranks each rank takes every N-th chunk and the
+    per-image results, summed over ranks, are those of one process. Robust accuracy is accuracy under the
+    attack; with several (a comma list or a preset such as autoattack-fast), per sample the worst over
+    them, as bench counts it (bench adds clean to the minimum).
     """
+    world = world or World()
     was_training = model.training
     model.eval()
     try:
         attacks = validation_attacks(attack_name, eps, seed=seed, eot=eot)
-        clean = _clean_correct(model, x, y, batch, eot)
-        worst = torch.ones(len(x), dtype=torch.float64)
-        for attack in attacks:
-            for part, x_adv in attack_batches(attack, model, x, y, batch):
-                worst[part] = torch.minimum(worst[part], _correct_each(model, x_adv, y[part], eot).cpu())
+        scores = torch.zeros(2, len(x), dtype=torch.float64)  # clean, worst under attack
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            for c, part in owned(chunks(len(x), batch), world.rank, world.size):
+                scores[:, part] = _chunk_scores(model, x[part], y[part], attacks, seed, c, eot)
+        world.sum_(scores)
     finally:
         model.train(was_training)
     n = max(1, len(x))
-    return {"clean_acc": 100.0 * clean / n, "robust_acc": 100.0 * float(worst.sum()) / n}
+    return {"clean_acc": 100.0 * float(scores[0].sum()) / n, "robust_acc": 100.0 * float(scores[1].sum()) / n}
+
+
+def _chunk_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[Any], seed: int, chunk: int,
+                  eot: int) -> torch.Tensor:
+    """[clean, worst over attacks] per image of one chunk, every random draw seeded by the chunk."""
+    torch.manual_seed(chunk_seed(seed, chunk))  # a stochastic model's noise
+    clean = _correct_each(model, x, y, eot).cpu()
+    worst = torch.ones(len(x), dtype=torch.float64)
+    for k, attack in enumerate(attacks):
+        attack.reseed(chunk_seed(seed + k + 1, chunk))
+        for _, x_adv in attack_batches(attack, model, x, y, len(x)):
+            worst = torch.minimum(worst, _correct_each(model, x_adv, y, eot).cpu())
+    return torch.stack([clean, worst])
 
 
 class _StopFlag:
@@ -275,22 +293,43 @@ def fit(cfg: TrainConfig | None, *, resume: str | Path | None = None, overrides:
     torch's thread count is set for the run and restored after.
     """
     previous = torch.get_num_threads()
+    main = env_rank() == 0  # in a job, rank 0 alone writes the run folder
     try:
         with ExitStack() as stack:
             if resume is None:
                 assert cfg is not None, "fit needs a config or a run to resume"
-                cfg.validate()
-                validation_attacks(cfg.val_attack, 0.5)  # a bad val_attack fails now, not after the first epoch
-                check_new_run(cfg)  # before the work: a taken --name or an unwritable --out fails in a second
+                _check_new(cfg, main)
                 return _fit(cfg, None, None, {}, stack, reporter or Reporter(), stop_at)
             run_dir, path = _resume_paths(resume)
             _resume_settings(path, overrides)  # a bad file or setting fails before the folder is touched
-            stack.enter_context(locked(run_dir))  # a second writer is refused
+            if main:
+                stack.enter_context(locked(run_dir))  # a second writer is refused
             ckpt = load_checkpoint(path)  # again, under the lock: what a writer that just finished left
             cfg, changed = _resume_settings(path, overrides, ckpt)
             return _fit(cfg, ckpt, run_dir, changed, stack, reporter or Reporter(), stop_at)
     finally:
         torch.set_num_threads(previous)
+
+
+def _check_new(cfg: TrainConfig, main: bool = True) -> None:
+    cfg.validate()
+    validation_attacks(cfg.val_attack, 0.5)  # a bad val_attack fails now, not after the first epoch
+    if main:
+        check_new_run(cfg)  # before the work: a taken --name or an unwritable --out fails in a second
+
+
+def prepare_launch(cfg: TrainConfig | None, resume: str | Path | None,
+                   overrides: dict[str, Any] | None) -> tuple[TrainConfig | None, Path]:
+    """Before workers start (`rcdeploy train --nproc N`): every check a worker would make, and the run
+    folder they will write, named now (a derived name carries the time, which ranks could disagree on)."""
+    if resume is None:
+        assert cfg is not None, "fit needs a config or a run to resume"
+        _check_new(cfg)
+        cfg.name = run_name(cfg)
+        return cfg, Path(cfg.out) / cfg.name
+    run_dir, path = _resume_paths(resume)
+    _resume_settings(path, overrides)
+    return None, run_dir
 
 
 def _resume_paths(resume: str | Path) -> tuple[Path, Path]:
@@ -315,6 +354,11 @@ def _resume_settings(path: Path, overrides: dict[str, Any] | None,
     return cfg, changed
 
 
+def resumed_settings(resume: str | Path, overrides: dict[str, Any] | None) -> TrainConfig:
+    """The settings a resumed run will continue with (checked; nothing is touched)."""
+    return _resume_settings(_resume_paths(resume)[1], overrides)[0]
+
+
 def _check_resume_epochs(cfg: TrainConfig, position: list[int], changed: dict[str, Any]) -> None:
     done, batch = position
     if cfg.epochs < done or (cfg.epochs == done and batch > 0):
@@ -334,27 +378,34 @@ def _fit(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None, ch
          stack: ExitStack, reporter: Reporter, stop_at: tuple[int, int] | None) -> RunResult:
     """The loop proper: a new run when `ckpt` is None (its folder made once the model is built), else a
     continuation of the locked `run_dir`."""
-    device = _start_runtime(cfg)
+    device, world = _start_runtime(cfg)
     data = _training_data(cfg, device)
     settings, objective = adv_settings(cfg, data.meta.default_eps), OBJECTIVES[cfg.adv]
-    batches = math.ceil(len(data.train) / cfg.batch_size)
+    batches = batches_per_epoch(len(data.train), cfg.batch_size, cfg.micro_batches)
     allocation = None if ckpt is None else ckpt.get("bit_allocation")
     if ckpt is None and cfg.bits == AUTO_BITS:  # pre-train, measure, choose per-layer bits (train/auto_bits.py)
         from rcdeploy.train.auto_bits import auto_bits_model
 
+        # Every rank pre-trains the same seeded model (identical work, no collectives): simple and exact.
         spec, model, allocation = auto_bits_model(cfg, data, device, settings, objective, reporter)
     elif ckpt is None:
-        spec, model = _new_model(cfg, data, device)
-    if ckpt is None:
-        sparsity, plugins = _sparsity_for(cfg, model, batches), _plugins_for(cfg, model)  # a bad name leaves no folder
+        spec, model = _new_model(cfg, data, device)  # identical on every rank: same seed, same calibration
+    else:
+        assert run_dir is not None
+        spec, model = _resumed_model(ckpt, run_dir, device)
+    forward = wrap(model, world, device, cfg.sync_bn)  # before the methods: SyncBatchNorm replaces modules
+    model = unwrap(forward)
+    sparsity, plugins = _methods(cfg, model, batches, ckpt)  # a bad name leaves no folder
+    if not world.main:
+        run_dir = run_dir or Path(cfg.out) / run_name(cfg)
+    elif ckpt is None:
         run_dir = _new_run_folder(cfg, stack)
     else:
         assert run_dir is not None
-        spec, model, sparsity, plugins = _resumed_model(cfg, ckpt, run_dir, device, batches)
         _reopen_run_folder(cfg, ckpt, run_dir, changed)
     run = _Run(cfg=cfg, device=device, data=data, settings=settings, objective=objective, spec=spec, model=model,
                sparsity=sparsity, plugins=plugins, optimizer=make_optimizer(cfg, model), run_dir=run_dir,
-               batches=batches, pointed=ckpt is not None, bit_allocation=allocation)
+               batches=batches, pointed=ckpt is not None, bit_allocation=allocation, world=world, forward=forward)
     if ckpt is not None:
         run.restore(ckpt)
     result = run.run_epochs(changed, reporter, _StopFlag(stop_at))
@@ -368,13 +419,17 @@ def _fit(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None, ch
 # ------------------------------------------------------------------------------- the steps of _fit
 
 
-def _start_runtime(cfg: TrainConfig) -> torch.device:
-    """The device, torch's thread count and its global seed (model init and calibration draw from it)."""
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def _start_runtime(cfg: TrainConfig) -> tuple[torch.device, World]:
+    """The device, this process's place in a job (joined here), torch's thread count (in a job, the cores
+    shared out over the ranks unless --threads says) and its global seed (model init and calibration)."""
+    world = World.from_env(resolve_device(cfg.device))
+    check_scale_out(cfg, world.size)
+    device = local_device(resolve_device(cfg.device))
+    threads = cfg.threads or (threads_per_rank() if world.distributed else None)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    return device
+    return device, world
 
 
 def _training_data(cfg: TrainConfig, device: torch.device) -> Dataset:
@@ -401,18 +456,22 @@ def _new_run_folder(cfg: TrainConfig, stack: ExitStack) -> Path:
     return run_dir
 
 
-def _resumed_model(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, device: torch.device,
-                   batches: int) -> tuple[dict[str, Any], nn.Module, Any, list[Any]]:
-    """The checkpoint's model with its weights, its sparsity method and its plugins (their state restored)."""
+def _resumed_model(ckpt: dict[str, Any], run_dir: Path, device: torch.device) -> tuple[dict[str, Any], nn.Module]:
+    """The checkpoint's model with its weights."""
     spec = ckpt["model"]
     model = build_model(spec, f"checkpoint {run_dir / 'last.pt'}").to(device)
     load_weights(model, ckpt["state_dict"], run_dir / "last.pt")
+    return spec, model
+
+
+def _methods(cfg: TrainConfig, model: nn.Module, batches: int, ckpt: dict[str, Any] | None) -> tuple[Any, list[Any]]:
+    """The run's sparsity method and plugins, their state restored from `ckpt` when resuming."""
     sparsity, plugins = _sparsity_for(cfg, model, batches), _plugins_for(cfg, model)
     for p in plugins:
-        state = (ckpt.get("plugins_state") or {}).get(p.name)
+        state = ((ckpt or {}).get("plugins_state") or {}).get(p.name)
         if state is not None:
             p.load_state_dict(state)
-    return spec, model, sparsity, plugins
+    return sparsity, plugins
 
 
 def _reopen_run_folder(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, changed: dict[str, Any]) -> None:
@@ -449,6 +508,13 @@ class _Run:
     best: dict[str, Any] | None = None
     partial: dict[str, Any] = field(default_factory=_fresh_partial)
     bit_allocation: dict[str, Any] | None = None  # --bits auto: what auto_bits chose and measured
+    world: World = field(default_factory=World)  # this rank's place in a DDP job (one process: rank 0 of 1)
+    forward: nn.Module | None = None  # what the loss's forward goes through: DDP across ranks, else `model`
+    bn: BatchNormAverager | None = None
+
+    def __post_init__(self) -> None:
+        self.forward = self.forward or self.model
+        self.bn = BatchNormAverager(self.model, self.cfg.micro_batches or 1)
 
     @property
     def finetune_start(self) -> int:
@@ -508,7 +574,7 @@ class _Run:
         reporter.start_epoch(epoch, cfg.epochs, self.batches, start_batch)
         t0 = time.perf_counter()
         for b in range(start_batch, self.batches):
-            if stop.due(epoch, b):
+            if self.world.any(stop.due(epoch, b)):  # every rank stops at the same batch
                 self.partial["time"] += time.perf_counter() - t0
                 self.save("last.pt", epoch, b, self.partial)
                 return None
@@ -522,6 +588,8 @@ class _Run:
                 # The plugin replaced layers (low rank's swap): the spec must rebuild them, and the optimizer
                 # must hold the new parameters (it restarts without momentum).
                 self.spec = {**self.spec, "kwargs": {**self.spec["kwargs"], **p.spec_kwargs()}}
+                self.forward = wrap(model, self.world, self.device, sync_bn=False)  # DDP over the new parameters
+                self.bn = BatchNormAverager(model, cfg.micro_batches or 1)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer = make_optimizer(cfg, model)
                 for group in self.optimizer.param_groups:
@@ -529,40 +597,64 @@ class _Run:
         return self.partial["time"] + time.perf_counter() - t0
 
     def train_step(self, epoch: int, b: int, order: torch.Tensor, lr_factor: float, reporter: Reporter) -> None:
-        """Batch `b` of `epoch`: replayable augmentation and attack, the objective plus any penalty, a step."""
-        cfg, model, sparsity, optimizer, train = self.cfg, self.model, self.sparsity, self.optimizer, self.data.train
+        """Batch `b` of `epoch`: this rank's micro-batches (scaleout.py), their gradients summed over all
+        micro-batches of every rank, one optimizer step."""
+        cfg, model, sparsity, optimizer = self.cfg, self.model, self.sparsity, self.optimizer
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        gen = batch_generator(cfg.seed, epoch, b, self.device)
-        x = augment(train.x[idx], self.data.meta, gen)
-        y = train.y[idx]
+        parts = micro_slices(len(idx), cfg.micro_batches or 1)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch + b / self.batches) * lr_factor
-        loss, logits = self.objective(model, x, y, self.settings, gen)
+        optimizer.zero_grad(set_to_none=True)
+        self.bn.begin_step()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss x images, correct, images
+        own = mine(self.world, len(parts))
+        for j in own:
+            # Scaled by N so that DDP's mean over ranks is the sum over micro-batches (exactly: N is a power of
+            # two in the equality tests, and any N only rescales).
+            weight = (parts[j].stop - parts[j].start) / len(idx)
+            with no_sync(self.forward, last=j == own[-1]):
+                sums += self.micro_step(epoch, b, j, idx[parts[j]], weight)
+        self.world.sum_(sums)
+        self.bn.end_step(self.world)
+        optimizer.step()
         if sparsity is not None:
-            extra = sparsity.penalty(model)
+            sparsity.after_step(model, optimizer.param_groups[0]["lr"])
+        loss_value = float(sums[0] / sums[2])
+        self.partial["loss"] += float(sums[0])
+        self.partial["correct"] += int(sums[1])
+        self.partial["seen"] += int(sums[2])
+        reporter.batch(loss_value, int(sums[2]))
+
+    def micro_step(self, epoch: int, b: int, j: int, idx: torch.Tensor, weight: float) -> torch.Tensor:
+        """Micro-batch `j`: replayable augmentation, attack and model noise, the objective plus any penalty,
+        backward of its share `weight` of the step's loss. Returns [loss x images, correct, images]."""
+        model, train = self.model, self.data.train
+        gen = batch_generator(self.cfg.seed, epoch, b, self.device, micro=j)
+        torch.manual_seed(micro_key(self.cfg.seed, epoch, b, j))  # a stochastic model's noise (EnResNet)
+        x = augment(train.x[idx], self.data.meta, gen)
+        y = train.y[idx]
+        self.bn.begin_micro()
+        loss, logits = self.objective(self.forward, x, y, self.settings, gen)
+        if self.sparsity is not None:
+            extra = self.sparsity.penalty(model)
             if extra is not None:
                 loss = loss + extra
         for p in self.plugins:
             extra = p.penalty(model) if hasattr(p, "penalty") else None
             if extra is not None:
                 loss = loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if sparsity is not None:
-            sparsity.after_step(model, optimizer.param_groups[0]["lr"])
+        (loss * (weight * self.world.size)).backward()
+        self.bn.end_micro(weight)
         loss_value = float(loss.detach())
-        self.partial["loss"] += loss_value * len(y)
-        self.partial["correct"] += int((logits.argmax(1) == y).sum())
-        self.partial["seen"] += len(y)
-        reporter.batch(loss_value, len(y))
+        return torch.tensor([loss_value * len(y), float((logits.argmax(1) == y).sum()), float(len(y))],
+                            dtype=torch.float64)
 
     def validate(self, epoch: int, train_time: float) -> dict[str, Any]:
         """Clean and robust accuracy on the validation images: the epoch's metrics line, appended to history."""
         cfg, sparsity, partial = self.cfg, self.sparsity, self.partial
         val_n = len(self.data.val) if cfg.val_samples is None else min(cfg.val_samples, len(self.data.val))
         ev = evaluate(self.model, self.data.val.x[:val_n], self.data.val.y[:val_n], cfg.val_attack,
-                      self.settings.eps, seed=cfg.seed, eot=cfg.eot)
+                      self.settings.eps, seed=cfg.seed, eot=cfg.eot, world=self.world)
         metrics = {
             "epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": partial["loss"] / max(1, partial["seen"]),
@@ -597,10 +689,14 @@ class _Run:
             self.best = dict(metrics)
             self.save("best.pt", epoch + 1, 0, None)
         self.save("last.pt", epoch + 1, 0, None)
-        _write_metrics(self.run_dir, self.history)
+        if self.world.main:
+            _write_metrics(self.run_dir, self.history)
         return improved
 
     def save(self, name: str, epoch: int, batch: int, part: dict[str, Any] | None) -> None:
+        """Write a checkpoint (rank 0 only: every rank holds the same state)."""
+        if not self.world.main:
+            return
         sparsity, history = self.sparsity, self.history
         atomic_save({
             "format": FORMAT, "version": VERSION, "rcdeploy": rcdeploy.__version__,

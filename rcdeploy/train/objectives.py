@@ -3,6 +3,9 @@
 Each takes (model, x, y, eps, settings, generator) in train mode and returns (loss, logits on the
 inputs the loss was computed on). The attack runs through the quantized forward, so training sees
 the deployed arithmetic. Each registers in `OBJECTIVES` under the name declared in `rcdeploy.names`.
+
+`model` may be a DistributedDataParallel wrapper: the loss's forwards go through it, the attacks
+through `unwrap(model)`, whose input gradients must not enter DDP's gradient reduction.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcdeploy.attacks import parse_attack
+from rcdeploy.distributed import unwrap
 from rcdeploy.errors import UsageError
 from rcdeploy.names import OBJECTIVES
 
@@ -49,7 +53,7 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, 
     alpha = 1.25 * s.eps
     delta = _uniform_like(x, s.eps, gen)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
-    loss = F.cross_entropy(model(x + delta), y)
+    loss = F.cross_entropy(unwrap(model)(x + delta), y)
     (grad,) = torch.autograd.grad(loss, delta)
     delta = (delta.detach() + alpha * grad.sign()).clamp(-s.eps, s.eps)
     x_adv = (x + delta).clamp(0, 1)
@@ -63,7 +67,7 @@ def pgd_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSetti
     through the quantized forward, seeded from the batch's generator so a batch replays exactly."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen).item())
     attack = parse_attack(f"pgd{s.steps}", eps=s.eps, step=s.step_size, seed=seed)
-    return attack(model, x, y)
+    return attack(unwrap(model), x, y)
 
 
 @OBJECTIVES.register("pgd")
@@ -94,19 +98,20 @@ def mixed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, ge
 @OBJECTIVES.register("trades")
 def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximizing the KL."""
-    was_training = model.training
-    model.eval()  # the reference implementation crafts x' in eval mode
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()  # the reference implementation crafts x' in eval mode
     try:
         with torch.no_grad():
-            p_clean = F.softmax(model(x), dim=1)
+            p_clean = F.softmax(net(x), dim=1)
         x_adv = (x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)).clamp(0, 1)
         for _ in range(s.steps):
             x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            kl = F.kl_div(F.log_softmax(net(x_adv), dim=1), p_clean, reduction="sum")
             (grad,) = torch.autograd.grad(kl, x_adv)
             x_adv = torch.min(torch.max(x_adv.detach() + s.step_size * grad.sign(), x - s.eps), x + s.eps).clamp(0, 1)
     finally:
-        model.train(was_training)
+        net.train(was_training)
     logits = model(x)
     robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + s.beta * robust, logits
