@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from rcdeploy import names as N
-from rcdeploy.errors import UsageError, VerificationError
+from rcdeploy.errors import UsageError, VerificationError, WorkerFailed
 from rcdeploy.registry import Registry
 
 MAX_SEED = 2**32 - 1
@@ -508,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(" ".join(str(e).split("\n")), 2)
     except VerificationError as e:
         _fail(f"export verification failed: {e}", 1)
+    except WorkerFailed as e:
+        _fail(str(e), 1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

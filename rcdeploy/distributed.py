@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rcdeploy.errors import UsageError
+from rcdeploy.errors import UsageError, WorkerFailed
 
 TIMEOUT_ENV = "RCDEPLOY_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 1800)
 _USAGE_FILE_ENV = "RCDEPLOY_USAGE_ERROR_FILE"
@@ -138,6 +138,21 @@ def _quiet_launcher_logs() -> list[tuple[logging.Logger, int]]:
     return saved
 
 
+def _failure_line(e: Any) -> str:
+    """One line for a failed job: the first failed rank, its exit code or signal, its error's last line."""
+    if not e.failures:
+        return f"a worker failed ({' '.join(str(e).split())[:300]})"
+    rank = min(e.failures)
+    failure = e.failures[rank]
+    message = " ".join(str(failure.message or "").split())
+    if failure.exitcode is not None and failure.exitcode < 0:
+        how = f"killed by signal {-failure.exitcode}"
+    else:
+        how = f"exit code {failure.exitcode}"
+    detail = f": {message[-300:]}" if message and "Signal" not in message else ""
+    return f"worker rank {rank} of the job failed ({how}){detail}; the other ranks were stopped"
+
+
 def _signal_handlers() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -169,9 +184,7 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any, max_restarts: int = 0
         except ChildFailedError as e:
             if os.path.exists(usage_file):
                 raise UsageError(Path(usage_file).read_text()) from None
-            first = min(e.failures) if e.failures else None
-            why = e.failures[first].message if first is not None else str(e)
-            raise RuntimeError(f"worker rank {first} failed: {why}") from None
+            raise WorkerFailed(_failure_line(e)) from None
         finally:
             for logger, level in quiet:
                 logger.setLevel(level)

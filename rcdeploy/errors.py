@@ -13,3 +13,7 @@ class UsageError(Exception):
 
 class VerificationError(Exception):
     """An exported file does not compute what the PyTorch model computes (exit 1)."""
+
+
+class WorkerFailed(Exception):
+    """A worker process of a multi-process job died or raised (exit 1); the others were stopped."""

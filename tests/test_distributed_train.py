@@ -1,6 +1,6 @@
 """DDP training on real torch.distributed processes over loopback (gloo): N ranks take the step that one
 process with N micro-batches takes, a run moves between rank counts on resume, torchrun runs a rank,
-SIGTERM stops every rank at one batch and saves.
+SIGTERM stops every rank at one batch and saves, a dead rank stops the job.
 
 Every multi-process launch runs as a subprocess under a timeout, so a hang fails the test instead of
 stalling CI; the one-process references run in this process.
@@ -207,6 +207,51 @@ def test_sigterm_stops_every_rank_saves_and_resumes_exactly(tmp_path):
     assert stopped["position"][0] >= 1 and stopped["position"] != [2, 0]
     rcdeploy.train(resume=runs / "s", nproc=1)
     _assert_same_state(ref, _load(runs / "s"))
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The spawned worker processes of launcher `pid` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            spawned = b"spawn_main" in (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and spawned:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through Linux /proc")
+def test_a_dead_worker_stops_the_job_instead_of_leaving_a_rank_waiting(tmp_path):
+    """kill -9 of one rank mid-training: the other is stopped (not left in an all-reduce until the timeout),
+    the command fails with one line, and the last checkpoint is whole and resumes."""
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "rcdeploy.cli", "train", "--config", str(_recipe(tmp_path)),
+                             "--out", str(runs), "--name", "k", "--epochs", "3", "--nproc", "2"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (runs / "k" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        t = time.monotonic()
+        _, err = proc.communicate(timeout=60)  # well below the collectives' 120 s timeout set in _env
+        assert time.monotonic() - t < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "worker rank" in lines[0] and "Traceback" not in err, err[-2000:]
+    assert _load(runs / "k")["position"][0] >= 1
+    result = rcdeploy.train(resume=runs / "k", nproc=1)
+    assert not result.interrupted and result.metrics[-1]["epoch"] == 3
 
 
 # ------------------------------------------------------------------------------------------- bad input
