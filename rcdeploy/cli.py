@@ -215,11 +215,14 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 @_opt("--micro-batches", type=click.IntRange(1, 1 << 20), help="Slices of each batch, shared by the ranks (a "
       "multiple of --nproc; one process computes them in turn, same step). None: --nproc.")
 @_opt("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm across ranks (CUDA only).")
+@_opt("--max-restarts", type=click.IntRange(0, 1000), help="--nproc: if a worker dies, restart all of them up to "
+      "this often; they resume the run from its last checkpoint.")
 @_opt("--out", help="Folder for run folders.")
 @_opt("--name", help="Run folder name (none: model-dataset-bits-adv-time); an existing one is refused "
       "unless resumed.")
 @click.option("--resume", type=click.Path(), show_default="a new run", help="Continue an interrupted run (its folder "
-              "or last.pt) with its own settings; only --epochs, --device and --threads may change them.")
+              "or last.pt) with its own settings; only --epochs, --device, --threads, --nproc and --max-restarts may "
+              "change them.")
 @click.option("--json", "json_path", show_default="not written",
               help="Write the final metrics as JSON to FILE ('-' for stdout).")
 def train(recipe: str | None, resume: str | None, json_path: str | None, **overrides: Any) -> None:

@@ -95,6 +95,8 @@ class TrainConfig:
                                          # micro_batches
     micro_batches: int | None = None     # slices of each batch (None: nproc); fixed for the run
     sync_bn: bool = False                # SyncBatchNorm across ranks (CUDA only)
+    max_restarts: int = 0                # --nproc: restart the workers this often after a failure (they resume
+                                         # the run from last.pt)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,7 +185,7 @@ def _check_low_rank(cfg: TrainConfig) -> None:
 
 
 MERGED_SETTINGS = ("sparsity_params", "model_args")  # mappings that overrides extend rather than replace
-RESUME_SETTINGS = ("epochs", "device", "threads", "nproc")  # what `--resume` may change; anything else would make
+RESUME_SETTINGS = ("epochs", "device", "threads", "nproc", "max_restarts")  # what `--resume` may change; anything else would make
                                                    # the continued run a different run
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -232,6 +234,7 @@ FIELD_RANGES: dict[str, V.Check] = {
     "seed": V.integer(0, 2**32 - 1),
     "threads": V.optional(V.integer(1, 4096)),
     "nproc": V.integer(1, 4096),
+    "max_restarts": V.integer(0, 1000),
     "micro_batches": V.optional(V.integer(1, 1 << 20)),
 }
 

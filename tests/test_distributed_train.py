@@ -186,7 +186,7 @@ def test_torchrun_runs_one_rank_each(tmp_path):
 
 def test_sigterm_stops_every_rank_saves_and_resumes_exactly(tmp_path):
     runs = tmp_path / "runs"
-    recipe = _recipe(tmp_path, train_samples=600)
+    recipe = _recipe(tmp_path, train_samples=400)
     ref = _reference(recipe, "ref", epochs=2)
     proc = subprocess.Popen([sys.executable, "-m", "rcdeploy.cli", "train", "--config", str(recipe), "--out",
                              str(runs), "--name", "s", "--epochs", "2", "--nproc", "2"],
@@ -225,13 +225,12 @@ def _workers_of(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through Linux /proc")
-def test_a_dead_worker_stops_the_job_instead_of_leaving_a_rank_waiting(tmp_path):
-    """kill -9 of one rank mid-training: the other is stopped (not left in an all-reduce until the timeout),
-    the command fails with one line, and the last checkpoint is whole and resumes."""
+def _kill_a_worker_after_the_first_checkpoint(tmp_path: Path, *args) -> tuple[subprocess.Popen, str, float]:
+    """Start a 2-rank run of 3 epochs, kill -9 one worker once last.pt exists: (process, its stderr, seconds
+    from the kill to its exit)."""
     runs = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "rcdeploy.cli", "train", "--config", str(_recipe(tmp_path)),
-                             "--out", str(runs), "--name", "k", "--epochs", "3", "--nproc", "2"],
+                             "--out", str(runs), "--name", "k", "--epochs", "3", "--nproc", "2", *args],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -241,17 +240,39 @@ def test_a_dead_worker_stops_the_job_instead_of_leaving_a_rank_waiting(tmp_path)
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
         t = time.monotonic()
-        _, err = proc.communicate(timeout=60)  # well below the collectives' 120 s timeout set in _env
-        assert time.monotonic() - t < 60
+        _, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
+        elapsed = time.monotonic() - t
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, err, elapsed
+
+
+_needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in Linux /proc")
+
+
+@_needs_proc
+def test_a_dead_worker_stops_the_job_instead_of_leaving_a_rank_waiting(tmp_path):
+    """kill -9 of one rank mid-training: the other is stopped (not left in an all-reduce until the timeout),
+    the command fails with one line, and the last checkpoint is whole and resumes."""
+    runs = tmp_path / "runs"
+    proc, err, elapsed = _kill_a_worker_after_the_first_checkpoint(tmp_path)
+    assert elapsed < 60  # well below the collectives' 120 s timeout set in _env
     assert proc.returncode == 1, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "worker rank" in lines[0] and "Traceback" not in err, err[-2000:]
     assert _load(runs / "k")["position"][0] >= 1
     result = rcdeploy.train(resume=runs / "k", nproc=1)
     assert not result.interrupted and result.metrics[-1]["epoch"] == 3
+
+
+@_needs_proc
+def test_max_restarts_restarts_the_workers_and_they_resume_the_run_exactly(tmp_path):
+    ref = _reference(_recipe(tmp_path), "ref", epochs=3)
+    proc, err, _ = _kill_a_worker_after_the_first_checkpoint(tmp_path, "--max-restarts", "1")
+    assert proc.returncode == 0, err[-2000:]
+    assert "the job restarted (restart 1) and resumed the run" in err
+    _assert_same_state(ref, _load(tmp_path / "runs" / "k"))
 
 
 # ------------------------------------------------------------------------------------------- bad input

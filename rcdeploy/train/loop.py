@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -294,6 +296,11 @@ def fit(cfg: TrainConfig | None, *, resume: str | Path | None = None, overrides:
     """
     previous = torch.get_num_threads()
     main = env_rank() == 0  # in a job, rank 0 alone writes the run folder
+    restarted = _restarted_run(cfg, main) if resume is None else None
+    if restarted is not None:
+        resume, overrides = restarted, None
+        notes = [f"a worker failed; the job restarted (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}) and "
+                 f"resumed the run from {restarted / 'last.pt'}"]
     try:
         with ExitStack() as stack:
             if resume is None:
@@ -306,9 +313,25 @@ def fit(cfg: TrainConfig | None, *, resume: str | Path | None = None, overrides:
                 stack.enter_context(locked(run_dir))  # a second writer is refused
             ckpt = load_checkpoint(path)  # again, under the lock: what a writer that just finished left
             cfg, changed = _resume_settings(path, overrides, ckpt)
-            return _fit(cfg, ckpt, run_dir, changed, stack, reporter or Reporter(), stop_at)
+            result = _fit(cfg, ckpt, run_dir, changed, stack, reporter or Reporter(), stop_at)
+            result.notes[:0] = notes if restarted is not None else []
+            return result
     finally:
         torch.set_num_threads(previous)
+
+
+def _restarted_run(cfg: TrainConfig | None, main: bool) -> Path | None:
+    """After an elastic restart (a worker died and `--max-restarts` allowed another attempt) the job continues
+    its own run from last.pt instead of starting a new one; a first attempt that died before its first
+    checkpoint left a folder without one, which rank 0 clears for the new attempt."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or cfg is None or cfg.name is None:
+        return None
+    run_dir = Path(cfg.out) / cfg.name
+    if (run_dir / "last.pt").is_file():
+        return run_dir
+    if main and run_dir.is_dir() and not (run_dir / "best.pt").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return None
 
 
 def _check_new(cfg: TrainConfig, main: bool = True) -> None:

@@ -173,12 +173,13 @@ def launch_fit(cfg: Any, resume: str | Path | None, overrides: dict[str, Any] | 
     saves last.pt, and this returns an interrupted RunResult."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from rcdeploy.train.loop import RunResult, prepare_launch
+    from rcdeploy.train.loop import RunResult, prepare_launch, resumed_settings
 
     cfg, run_dir = prepare_launch(cfg, resume, overrides)
     try:
+        restarts = (cfg or resumed_settings(resume, overrides)).max_restarts
         return launch(nproc, fit_worker, None if cfg is None else cfg.to_dict(),
-                      None if resume is None else str(resume), overrides, progress)
+                      None if resume is None else str(resume), overrides, progress, max_restarts=restarts)
     except SignalException:
         last = run_dir / "last.pt"
         if not last.is_file():
