@@ -47,7 +47,7 @@ from onnx import TensorProto
 from rcdeploy import validate as V
 from rcdeploy.artifacts.model_card import ModelCard
 from rcdeploy.deploy.bench_cache import ChunkCache, array_sha256, cache_key, default_dir
-from rcdeploy.distributed import World
+from rcdeploy.distributed import World, job_size
 from rcdeploy.errors import UsageError
 from rcdeploy.robustness import EPS_SLACK, WorstCase, chunk_seed, chunks, craft, owned
 from rcdeploy.units import parse_fraction
@@ -464,7 +464,7 @@ def bench_model(
                               progress=progress, isa=isa, runtime=runtime, cache=cache, cache_dir=cache_dir)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise UsageError(f"--nproc must be an integer >= 1, got {nproc!r}")
-    if nproc > 1 and not _in_job():
+    if nproc > 1 and job_size() == 1:
         resolve_settings(model, **kw)  # bad input fails here, in a second, before any worker starts
         return _launch_bench(nproc, model, kw)
     world = World.from_env()
@@ -483,34 +483,19 @@ def bench_model(
     return build_report(s, images, scorer, accuracy, size, lat, errors)
 
 
-def _in_job() -> bool:
-    """Whether this process is a rank of a torchrun / launch job (WORLD_SIZE > 1)."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def _launch_bench(nproc: int, model: str | Path, kw: dict[str, Any]) -> dict[str, Any] | None:
     """`nproc` local ranks of `bench_model`; rank 0's report. A SIGTERM / Ctrl-C here stops the workers
-    (torch's elastic agent forwards it) and is a KeyboardInterrupt, as in one process."""
-    import signal
-    import threading
-
+    (torch's elastic agent forwards it; `launch` puts the signal handlers back) and is a KeyboardInterrupt,
+    as in one process."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     from rcdeploy.distributed import launch
 
     kw = {**kw, "progress": bool(kw["progress"])}  # a Console does not cross processes; rank 0 draws its own
-    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-    saved = {}
-    if threading.current_thread() is threading.main_thread():  # the agent installs its own handlers
-        saved = {sig: signal.getsignal(sig) for sig in (getattr(signal, n) for n in names if hasattr(signal, n))}
     try:
         return launch(nproc, _bench_rank, str(model), kw)
     except SignalException:
         raise KeyboardInterrupt from None
-    finally:
-        for sig, handler in saved.items():
-            if handler is not None:
-                signal.signal(sig, handler)
 
 
 def _bench_rank(model: str, kw: dict[str, Any]) -> dict[str, Any] | None:

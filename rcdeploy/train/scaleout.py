@@ -143,11 +143,6 @@ def threads_per_rank() -> int:
 # ------------------------------------------------------------------------------------------- launching
 
 
-def inside_job() -> bool:
-    """Whether this process is a rank of a torchrun (or `launch`) job of two or more processes."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def fit_worker(cfg_dict: dict[str, Any] | None, resume: str | None, overrides: dict[str, Any] | None,
                progress: bool) -> Any:
     """One rank of `rcdeploy train --nproc N` (spawned by `launch`): rank 0 reports progress on stderr."""
