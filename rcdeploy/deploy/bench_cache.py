@@ -1,6 +1,6 @@
 """The chunk cache of `rcdeploy bench`: finished attack chunks on disk, so an interrupted bench resumes.
 
-Bench crafts and scores each attack chunk by chunk (`rcdeploy.deploy.bench`); each chunk's per-image
+Bench crafts and scores each attack chunk by chunk (`rcdeploy.deploy.evaluation`); each chunk's per-image
 results (predictions per draw, twin agreement, perturbation, queries, crafting time) are one `.npz`
 file, written atomically (a temp file, then a rename), so a bench stopped at any point, by Ctrl-C,
 SIGTERM or a kill, leaves only whole chunk files. A rerun reads the chunks it finds and computes the
@@ -38,7 +38,8 @@ KEY_VERSION = 1
 SUFFIX = ".bench-cache"
 #: The rcdeploy sources whose code decides a chunk's results (crafting and scoring); an edit to any of
 #: them changes the key, so a cache never outlives the code that wrote it.
-_CODE = ("attacks", "deploy/twin", "deploy/bench.py", "deploy/bench_cache.py", "robustness.py", "runtime")
+_CODE = ("attacks", "deploy/twin", "deploy/bench.py", "deploy/bench_inputs.py", "deploy/scoring.py",
+         "deploy/evaluation.py", "deploy/bench_cache.py", "robustness.py", "runtime")
 
 
 def default_dir(model: Path) -> Path:
