@@ -14,13 +14,16 @@ deployed file by `rcdeploy.deploy.bench.bench_model`:
   `--auto-bits-amplification measured`, 1 extra epoch at 8 bits
   before the allocation (`--auto-bits-epochs 1`), then `--epochs` epochs at the chosen bits, PGD-AT;
 - `atmc`: 8-bit weights, `--sparsity atmc --codebook-bits 4 --prune-weights P`, loss 0.5 CE(x) + 0.5 CE(x_adv)
-  (`--adv mixed --alpha 0.5`, ATMC's), rho 5 / Z-U update every 4 batches (the short recipe's), last third of
-  the epochs W = Z; P is chosen so that its theoretical bytes (nnz x 4 + bitmap index + codebook, model.json
+  (`--adv mixed --alpha 0.5`, ATMC's), rho 0.1 / Z-U update every 10 batches (the reference code's: rho 5 /
+  every 4, the digits recipe's, holds ResNet-20's weights so close to Z that 3 epochs end at 1% PGD-20), last
+  third of the epochs W = Z; P is chosen so that its theoretical bytes (nnz x 4 + bitmap index + codebook, model.json
   `compression`) equal B;
 - `rgsm`: 4-bit, `--sparsity rgsm --prune-channels 0.5` (seed-002 short recipe's RGSM settings), PGD-AT,
   exported with `prune_channels=True` (the dead channels removed from the file);
 - `rgsm-mixed`: `rgsm` with `--adv mixed --alpha 0.5` instead of PGD-AT: the trade-off loss vs PGD-AT at equal
-  bits, with both runs' channel sparsity counted as the seed-002 code counts it (`paper_sparsity`).
+  bits, with both runs' channel sparsity counted as the seed-002 code counts it (`paper_sparsity`);
+- `rgsm8`: RGSM channels at B: 8-bit weights, `--prune-channels 0.3` (about 0.7^2 of the weights at twice the
+  bits), otherwise as `rgsm`.
 
 Trainings run `--jobs` at a time (subprocesses, 1 thread each; each also scores its own file, 1 thread); the
 latency of every file is measured afterwards, one file at a time (onnxruntime, bench's `cpu` target, batch 1
@@ -47,13 +50,19 @@ import common  # noqa: E402
 
 KEY = "compression"
 ATTACKS = "pgd20,autoattack-fast"
-ROWS = ("w4", "auto", "atmc", "rgsm", "rgsm-mixed")
+ROWS = ("w4", "auto", "atmc", "rgsm", "rgsm-mixed", "rgsm8")
+RGSM8_PRUNE = 0.3  # 8-bit, 30% of the channels removed: about 0.7^2 x 2 = 0.98 of the 4-bit bytes (B)
 RGSM_PARAMS = {"lambda1": 0.1, "beta": 1.0, "lambda2": 1.0e-5, "min_keep": 0.5}
-ATMC_PARAMS = {"rho": 5.0, "quant_interval": 4}
+# The reference code's ADMM settings. rho 5 / every 4 batches (the digits recipe's, tuned so that a small_cnn's
+# ||W - Z|| / ||W|| falls within 70 steps) held ResNet-20's weights at the codebook from the start: before the
+# switch to W = Z the model had 17% clean / 3% PGD-10 on the validation split (rho 1: 24 / 12, rho 0.1: 28 / 17,
+# dense 8-bit: 35 / 21 FGSM), and the row ended at 1% PGD-20 (the switch itself moved little at any rho).
+ATMC_PARAMS = {"rho": 0.1, "quant_interval": 10}
 CODEBOOK_BITS = 4
 TITLES = {"w4": "uniform 4-bit", "auto": "auto bits (measured gain)",
           "atmc": "ATMC (8-bit grid, 4-bit codebook)",
-          "rgsm": "RGSM channels 0.5, 4-bit", "rgsm-mixed": "RGSM channels 0.5, 4-bit, mixed loss a=0.5"}
+          "rgsm": "RGSM channels 0.5, 4-bit", "rgsm-mixed": "RGSM channels 0.5, 4-bit, mixed loss a=0.5",
+          "rgsm8": "RGSM channels 0.3, 8-bit (about B)"}
 
 
 # ----------------------------------------------------------------------------------------- sizes
@@ -113,9 +122,11 @@ def row_settings(name: str, args: argparse.Namespace, budget: int,
     elif name == "atmc":
         base.update(bits=8, sparsity="atmc", prune_weights=prune, codebook_bits=CODEBOOK_BITS, adv="mixed",
                     alpha=0.5, sparsity_params=dict(ATMC_PARAMS), finetune_fraction=0.34)
-    elif name in ("rgsm", "rgsm-mixed"):
-        base.update(sparsity="rgsm", prune_channels=0.5, sparsity_params=dict(RGSM_PARAMS),
-                    finetune_fraction=0.34)
+    elif name in ("rgsm", "rgsm-mixed", "rgsm8"):
+        base.update(sparsity="rgsm", prune_channels=RGSM8_PRUNE if name == "rgsm8" else 0.5,
+                    sparsity_params=dict(RGSM_PARAMS), finetune_fraction=0.34)
+        if name == "rgsm8":
+            base.update(bits=8)
         export["prune_channels"] = True
         if name == "rgsm-mixed":
             base.update(adv="mixed", alpha=0.5)
@@ -137,6 +148,16 @@ def run_row(name: str, out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     onnx_path = out / f"{name}.onnx"
     run_dir = out / "runs" / name
     train_s = None
+    done = out / f"{name}.row.json"
+    if onnx_path.is_file() and done.is_file() and json.loads(done.read_text()).get("spec") != spec:
+        # A finished row of other settings: its run and export are not this row's (a kept export is reused only
+        # to resume the same settings' scoring).
+        import shutil
+
+        print(f"[compression] {name}: settings changed, retraining", file=sys.stderr, flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for stale in (onnx_path, onnx_path.with_suffix(".json"), done):
+            stale.unlink(missing_ok=True)
     if not onnx_path.is_file():
         t = time.perf_counter()
         run = rcdeploy.train(out=str(out / "runs"), name=name, **train_kw)
@@ -362,8 +383,8 @@ run on every image; worst = per image over clean and every attack. Latency: p50 
 machine (scale only). Every layer runs onnxruntime's integer kernels (QLinearConv, checked at export), but
 8-bit layers are stored as uint8 with zero point 128 so that no CPU can saturate them (README, Export), and
 onnxruntime has no VNNI u8 x u8 kernel: ATMC (8-bit grid in every layer) and the 8-bit layers of auto bits
-run slower than the 4-bit (u8 x s8) ones at the same MACs; a 7-bit grid would run u8 x s8. The RGSM files,
-with 4x fewer MACs in layers of 8 to 32 channels, were no faster than the uniform 4-bit file here.
+run slower than the 4-bit (u8 x s8) ones at the same MACs; a 7-bit grid would run u8 x s8. The 4-bit RGSM
+files have 4x fewer MACs, in layers of 8 to 32 channels; compare their latency with the uniform 4-bit file's.
 |
 Equal bytes: B = {budget:,} B, the uniform 4-bit model's nominal weight bytes (weights bit-packed at their
 bits, first conv and classifier at 8, + 8 B per output channel: rcdeploy/quant/allocate.py). auto bits:
@@ -371,10 +392,11 @@ bits, first conv and classifier at 8, + 8 B per output channel: rcdeploy/quant/a
 overstates the logit change of early ResNet layers by orders of magnitude and sends 8 bits to them and 2 to
 the last stage; the measured gain weighs each layer's error by the logit change it really causes), after 1
 extra epoch at 8 bits (`--auto-bits-epochs 1`). ATMC: `--bits 8 --sparsity atmc --codebook-bits 4
---prune-weights {prune}` with its loss 0.5 CE(x) + 0.5 CE(x_adv) (`--adv mixed --alpha 0.5`, PGD-2), rho 5,
-Z/U every 4 batches, last third W = Z; P chosen so its theoretical size equals B. RGSM: `--sparsity rgsm
+--prune-weights {prune}` with its loss 0.5 CE(x) + 0.5 CE(x_adv) (`--adv mixed --alpha 0.5`, PGD-2), rho {rho:g},
+Z/U every {interval} batches{reference}, last third W = Z; P chosen so its theoretical size equals B. RGSM: `--sparsity rgsm
 --prune-channels 0.5` (lambda1 0.1, beta 1, lambda2 1e-5, min_keep 0.5), exported with
-`prune_channels=True`; its mixed twin trains with `--adv mixed --alpha 0.5` instead of PGD-AT.
+`prune_channels=True`; its mixed twin trains with `--adv mixed --alpha 0.5` instead of PGD-AT; the RGSM row at B
+trains 8-bit weights with `--prune-channels {rgsm8_prune:g}`.
 |
 Byte definitions. file B: the ONNX file on disk (4-bit and narrower weights packed INT4, wider int8, with
 the graph); zip B: that file in a zip archive (deflate, level 6; model.json `compression.zip_bytes`);
@@ -386,8 +408,9 @@ Ratios: ATMC ratio = sum(nnz x b) / (N x 32) (ATMC's own: values only, no index,
 index bits); file ratio = file B / (N x 4 B) of the float weights (N = {weights:,} conv + linear weights;
 rcdeploy's bytes on disk). chan. sparsity: conv filters with norm < 1e-15 in the float weights at the last
 epoch, as the seed-002 code counts them (`paper_sparsity`). MMACs: multiply-accumulates per image of the
-file (model.json `macs`). The RGSM rows are not at B: removing half the channels of every layer removes
-about 3/4 of the weights, so at 4 bits they are about a quarter of B (the brief's setting, kept).
+file (model.json `macs`). The 4-bit RGSM rows are not at B: removing half the channels of every layer removes
+about 3/4 of the weights, so at 4 bits they are about a quarter of B (the brief's setting, kept); the 8-bit
+RGSM row with 30% of the channels removed is the channel-pruning row at about B.
 """
 
 
@@ -397,9 +420,15 @@ def markdown(results: dict[str, Any]) -> str:
     command = (f"python benchmarks/compression_table.py{' --quick' if results['quick'] else ''} "
                f"--epochs {results['epochs']} --train-samples {results['train_samples']} "
                f"--samples {results['samples']}")
+    atmc_spec = (results["rows"].get("atmc") or {}).get("spec") or {}
+    atmc_params = (atmc_spec.get("train") or {}).get("sparsity_params") or ATMC_PARAMS  # the row's own settings
     intro = INTRO.format(epochs=results["epochs"], train_samples=results["train_samples"],
                          jobs=results.get("jobs", 2), samples=samples, budget=results["budget_bytes"],
-                         prune=results["atmc_prune_weights"], weights=results["weights_total"])
+                         prune=results["atmc_prune_weights"], weights=results["weights_total"],
+                         rho=atmc_params.get("rho", ATMC_PARAMS["rho"]),
+                         interval=atmc_params.get("quant_interval", ATMC_PARAMS["quant_interval"]),
+                         rgsm8_prune=RGSM8_PRUNE,
+                         reference=" (the reference code's)" if atmc_params == {"rho": 0.1, "quant_interval": 10} else "")
     lines = ["## Robust compression at equal deployed bytes: uniform 4-bit, auto bits, ATMC, RGSM channels "
              "(CIFAR-10 slice)", "",
              f"Machine: {common.machine_line(results['machine'])}. `{command}`"

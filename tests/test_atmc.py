@@ -283,3 +283,55 @@ def test_atmc_trains_exports_and_benches_on_digits(tmp_path, capsys):
     assert code == 0, err
     report = json.loads(out)
     assert report["latency"] and report["accuracy"]
+
+
+# -- the benchmark table's ATMC row ------------------------------------------------------------------------------
+
+def _compression_table():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compression_table.py"
+    if not path.is_file():
+        pytest.skip("benchmarks/compression_table.py is not in this checkout")
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("compression_table_under_test", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
+    return mod
+
+
+def test_table_atmc_row_trains_with_the_reference_admm_settings_and_retrains_when_they_change(tmp_path, monkeypatch):
+    # rho 5 / Z-U every 4 batches held ResNet-20's weights at the codebook from the first steps: the 3-epoch
+    # row ended at 1% PGD-20 (17% clean / 3% PGD-10 on validation before W = Z; rho 0.1: 28% / 17%).
+    import argparse
+
+    import rcdeploy
+
+    table = _compression_table()
+    args = argparse.Namespace(epochs=3, train_samples=2000, val_samples=100)
+    train, _ = table.row_settings("atmc", args, 142336, 0.225)
+    assert train["sparsity_params"] == {"rho": 0.1, "quant_interval": 10}
+    assert train["sparsity"] == "atmc" and train["adv"] == "mixed" and train["alpha"] == 0.5
+    # A finished row of other settings is not reused: its export and run are dropped and the row retrains.
+    spec = {"row": "atmc", "train": train, "export": {}, "samples": 8}
+    old = json.loads(json.dumps({**spec, "train": {**train, "sparsity_params": {"rho": 5.0, "quant_interval": 4}}}))
+    (tmp_path / "runs" / "atmc").mkdir(parents=True)
+    (tmp_path / "atmc.onnx").write_bytes(b"old")
+    (tmp_path / "atmc.row.json").write_text(json.dumps({"row": "atmc", "spec": old}))
+
+    class Retrained(Exception):
+        pass
+
+    def train_stub(**kw):
+        assert kw["sparsity_params"] == {"rho": 0.1, "quant_interval": 10}
+        raise Retrained
+
+    monkeypatch.setattr(rcdeploy, "train", train_stub)
+    with pytest.raises(Retrained):
+        table.run_row("atmc", tmp_path, json.loads(json.dumps(spec)))
+    assert not (tmp_path / "atmc.onnx").exists() and not (tmp_path / "runs" / "atmc").exists()
