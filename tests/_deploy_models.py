@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
@@ -175,3 +175,19 @@ def build_all(root: Path) -> dict[str, Path]:
     paths["qop_u8s8"] = quantize(fp32, root / "qop_u8s8.onnx", calib, fmt="qop", activations="u8")
     paths["qdq_int4"] = to_int4(paths["qdq_u8s8"], root / "qdq_int4.onnx")
     return paths
+
+
+def noisy(src: Path, out: Path, sigma: float) -> Path:
+    """`src` with Gaussian noise (RandomNormalLike x sigma) added to its input: a stochastic graph."""
+    m = onnx.load(str(src))
+    g = m.graph
+    inp = g.input[0].name
+    for node in g.node:
+        node.input[:] = ["noisy" if i == inp else i for i in node.input]
+    g.initializer.append(numpy_helper.from_array(np.array(sigma, np.float32), "sigma"))
+    noise = [helper.make_node("RandomNormalLike", [inp], ["n"], dtype=TensorProto.FLOAT),
+             helper.make_node("Mul", ["n", "sigma"], ["n2"]), helper.make_node("Add", [inp, "n2"], ["noisy"])]
+    for i, node in enumerate(noise):
+        g.node.insert(i, node)
+    onnx.save(m, str(out))
+    return out

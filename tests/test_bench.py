@@ -20,7 +20,7 @@ import onnx
 import pytest
 import torch
 from _cli import run_cli
-from _deploy_models import TinyResNet, export_fp32
+from _deploy_models import TinyResNet, export_fp32, noisy
 from onnx import TensorProto, helper, numpy_helper
 
 from rcdeploy.deploy.bench import bench_model, gradient_masking_flags, parse_batch_sizes
@@ -178,18 +178,7 @@ def test_gradient_masking_flags() -> None:
 
 def test_stochastic_graph_eot(float_model: Path, tmp_path: Path) -> None:
     """RandomNormalLike on the input: accuracy is the mean over --eot onnxruntime draws."""
-    m = onnx.load(str(float_model))
-    g = m.graph
-    inp = g.input[0].name
-    for node in g.node:
-        node.input[:] = ["noisy" if i == inp else i for i in node.input]
-    g.initializer.append(numpy_helper.from_array(np.array(0.05, np.float32), "sigma"))
-    noise = [helper.make_node("RandomNormalLike", [inp], ["n"], dtype=TensorProto.FLOAT),
-             helper.make_node("Mul", ["n", "sigma"], ["n2"]), helper.make_node("Add", [inp, "n2"], ["noisy"])]
-    for i, node in enumerate(noise):
-        g.node.insert(i, node)
-    path = tmp_path / "noisy.onnx"
-    onnx.save(m, str(path))
+    path = noisy(float_model, tmp_path / "noisy.onnx", 0.05)
     rep = bench_model(path, dataset="digits", samples=100, attacks="fgsm", eot=3, latency=False, progress=False)
     acc = rep["accuracy"]
     assert rep["model"]["stochastic"] and acc["evaluation_draws"] == 3

@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from _cli import run_cli
-from _deploy_models import digits, export_fp32, quantize, train_digits
-from onnx import TensorProto, helper, numpy_helper
+from _deploy_models import digits, export_fp32, noisy, quantize, train_digits
 
 from rcdeploy.deploy.bench import bench_model
 
@@ -150,45 +148,29 @@ def test_cache_is_keyed_by_the_settings(model: Path, tmp_path: Path, monkeypatch
     assert bench_model(model, cache=False, **base)["accuracy"]["chunks"]["cache_dir"] is None
 
 
-def _noisy(fp32: Path, out: Path) -> Path:
-    """`fp32` with Gaussian noise (RandomNormalLike, sigma 0.3) added to its input: a stochastic graph."""
-    m = onnx.load(str(fp32))
-    g = m.graph
-    inp = g.input[0].name
-    for node in g.node:
-        node.input[:] = ["noisy" if i == inp else i for i in node.input]
-    g.initializer.append(numpy_helper.from_array(np.array(0.3, np.float32), "sigma"))
-    noise = [helper.make_node("RandomNormalLike", [inp], ["n"], dtype=TensorProto.FLOAT),
-             helper.make_node("Mul", ["n", "sigma"], ["n2"]), helper.make_node("Add", [inp, "n2"], ["noisy"])]
-    for i, node in enumerate(noise):
-        g.node.insert(i, node)
-    onnx.save(m, str(out))
-    return out
-
-
 def test_stochastic_graph_chunks_depend_on_nothing_else(model: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A graph that draws noise in onnxruntime and in the twin: chunks recomputed alone, in another process
     (onnxruntime's own seed differs per process) with the other chunks read back from the cache (no RNG
     advanced through them), give exactly the draws of the full run."""
     monkeypatch.setenv("RCDEPLOY_BENCH_CHUNK", "4")
-    noisy = _noisy(model.with_name("fp32.onnx"), tmp_path / "noisy.onnx")
+    graph = noisy(model.with_name("fp32.onnx"), tmp_path / "graph.onnx", 0.3)
     kw = dict(dataset="digits", samples=24, attacks="pgd3,square20", eps=0.1, eot=2, latency=False, progress=False)
-    full = bench_model(noisy, cache=False, **kw)
+    full = bench_model(graph, cache=False, **kw)
     assert full["model"]["stochastic"] and full["accuracy"]["evaluation_draws"] == 2
     assert 1 in sum(full["accuracy"]["per_image"]["correct_draws"], [])  # live noise: right in one draw of 2
-    first = bench_model(noisy, cache_dir=tmp_path / "c", **kw)
+    first = bench_model(graph, cache_dir=tmp_path / "c", **kw)
     _same_results(full, first)
     folder = Path(first["accuracy"]["chunks"]["cache_dir"])
     for f in sorted(folder.glob("*.npz"))[1::2]:
         f.unlink()
-    again = bench_model(noisy, cache_dir=tmp_path / "c", **kw)
+    again = bench_model(graph, cache_dir=tmp_path / "c", **kw)
     assert again["accuracy"]["chunks"]["computed"] == 9 and again["accuracy"]["chunks"]["from_cache"] == 9
     _same_results(full, again)
     for f in sorted(folder.glob("*.npz"))[::2]:
         f.unlink()
     out = tmp_path / "child.json"
-    cmd = [sys.executable, "-m", "rcdeploy.cli", "bench", str(noisy), "--dataset", "digits", "--samples", "24",
+    cmd = [sys.executable, "-m", "rcdeploy.cli", "bench", str(graph), "--dataset", "digits", "--samples", "24",
            "--attack", "pgd3,square20", "--eps", "0.1", "--eot", "2", "--no-latency", "--cache-dir", str(tmp_path / "c"),
            "--json", str(out)]
     done = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=TIMEOUT_S)
