@@ -60,8 +60,9 @@ class World:
             backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
             if device is not None and device.type == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend, timeout=datetime.timedelta(
-                seconds=float(os.environ.get(TIMEOUT_ENV, "1800"))))
+            timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+            dist.init_process_group(backend, store=_attempt_store(timeout), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         return cls(rank=dist.get_rank(), size=dist.get_world_size())
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
@@ -81,6 +82,17 @@ class World:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def _attempt_store(timeout: datetime.timedelta) -> Any:
+    """The job's key-value store (as env:// would open it), under a prefix per elastic attempt: after a
+    restart (--max-restarts) the agent's store still holds the dead attempt's gloo addresses, and a rank
+    that read one would try to connect to a process that is gone."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=not agent_store and int(os.environ["RANK"]) == 0,
+                          timeout=timeout, multi_tenant=not agent_store)
+    return dist.PrefixStore(f"rcdeploy/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _all_reduce(t: torch.Tensor, op: Any) -> None:
