@@ -139,20 +139,16 @@ def allocate(layers: Sequence[LayerOptions], budget: int, *, dp: bool = True) ->
         bits = opt.bits
         if current[li] != a:
             continue  # cannot happen with a consistent order; kept as a guard
-        cost = opt.bytes(bits[b]) - opt.bytes(bits[a])
-        if used + cost <= budget:
-            current[li] = b
-            used += cost
-            taken.append({"layer": opt.name, "bits": bits[b], "bytes": cost})
-            continue
-        # partial raise toward a multi-option hull step: as many single options as fit
-        for m in range(b - 1, a, -1):
+        # the whole hull step if it fits, else (a multi-option step) as many single options as fit
+        for m in range(b, a, -1):
             extra = opt.bytes(bits[m]) - opt.bytes(bits[a])
             if used + extra <= budget:
                 current[li] = m
                 used += extra
                 taken.append({"layer": opt.name, "bits": bits[m], "bytes": extra})
                 break
+        if current[li] == b:
+            continue
         nxt = current[li] + 1
         blocking = {"layer": opt.name, "to_bits": bits[nxt],
                     "bytes": opt.bytes(bits[nxt]) - opt.bytes(bits[current[li]])}

@@ -150,15 +150,15 @@ def fit_worker(cfg_dict: dict[str, Any] | None, resume: str | None, overrides: d
     from rcdeploy.train.loop import Reporter, fit
 
     cfg = None if cfg_dict is None else config_from_dict(cfg_dict).validate()
-    reporter: Any = Reporter()
+    reporting: Any = nullcontext(Reporter())
     if progress and int(os.environ.get("RANK", "0")) == 0:
         from rich.console import Console
 
         from rcdeploy.train.progress import RichReporter
 
-        with RichReporter(Console(stderr=True, soft_wrap=True)) as reporter:
-            return fit(cfg, resume=resume, overrides=overrides, reporter=reporter)
-    return fit(cfg, resume=resume, overrides=overrides, reporter=reporter)
+        reporting = RichReporter(Console(stderr=True, soft_wrap=True))
+    with reporting as reporter:
+        return fit(cfg, resume=resume, overrides=overrides, reporter=reporter)
 
 
 def launch_fit(cfg: Any, resume: str | Path | None, overrides: dict[str, Any] | None, nproc: int,
