@@ -63,7 +63,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"             # rcdeploy.names.SCHEDULES: cosine | piecewise | constant
+    schedule: str = "cosine"             # rcdeploy.names.SCHEDULES: cosine | piecewise | constant | onecycle
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # piecewise: fractions of training
     gamma: float = 0.1                   # piecewise lr factor per milestone
     warmup_epochs: float = 0.0
@@ -173,9 +173,12 @@ def _job_size() -> int | None:
 
 def _check_low_rank(cfg: TrainConfig) -> None:
     """What low rank does not compose with yet: refused, never silently wrong."""
-    if cfg.prune_channels or cfg.prune_weights or SPARSITY.declaration(cfg.sparsity).kind == WEIGHTS:
-        raise UsageError("--low-rank with channel or weight sparsity is not supported yet (pass --prune-channels 0; the "
-                         "sparsity groups would change at the swap to factorized layers)")
+    if cfg.prune_weights or (cfg.sparsity and SPARSITY.declaration(cfg.sparsity).kind == WEIGHTS):
+        raise UsageError("--low-rank with weight sparsity is not supported (a sparse kernel has no low-rank "
+                         "factors that keep its zeros); channel sparsity (--prune-channels) composes with it")
+    if cfg.prune_channels and cfg.finetune_fraction != TrainConfig.finetune_fraction:
+        raise UsageError("--low-rank with --prune-channels fixes the channel mask when the ADMM phase starts "
+                         "(rank_admm_at); finetune_fraction does not apply: leave it unset")
     if cfg.quant_method != "qat":
         raise UsageError(f"--low-rank with --quant {cfg.quant_method} is not supported yet (the relaxation hooks "
                          "name the dense layers that the swap replaces); use --quant qat")

@@ -268,10 +268,29 @@ def test_resume_across_the_admm_phase_and_the_swap_is_exact(tmp_path):
         assert torch.equal(v, b["state_dict"][k]), k
 
 
+def test_resume_after_the_swap_with_channel_sparsity_is_exact(tmp_path):
+    """The sparsity state saved after the swap holds the factorized model's channel groups; a resumed run
+    rebuilds the same groups from the checkpoint's model spec and ends bit for bit where the whole run does."""
+    base = {**BASE, "width": 0.25, "adv": "none", "epochs": 4, "train_samples": 192, "val_samples": 32,
+            "rank_admm_at": 0.25, "rank_swap_at": 0.75, "low_rank": 2, "prune_channels": 0.5}
+    whole = fit(make_config(None, {**base, "out": str(tmp_path / "a"), "name": "r"}))
+    stopped = fit(make_config(None, {**base, "out": str(tmp_path / "b"), "name": "r"}), stop_at=(3, 1))
+    assert stopped.interrupted
+    resumed = fit(None, resume=tmp_path / "b" / "r")
+    strip = [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in whole.metrics]
+    assert [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in resumed.metrics] == strip
+    a = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=True)
+    assert any(k.endswith(".core.weight") for k in a["state_dict"])
+    assert a["sparsity_state"]["group_sizes"] == b["sparsity_state"]["group_sizes"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--low-rank", "1x", "--prune-channels", "0"], "above 1"),
     (["--low-rank", "lots", "--prune-channels", "0"], "compression ratio"),
-    (["--low-rank", "4x"], "--prune-channels 0"),  # the quick-start prunes channels
+    (["--low-rank", "4x", "--sparsity", "rvsm", "--prune-weights", "0.5", "--prune-channels", "0"], "weight sparsity"),
     (["--low-rank", "4x", "--prune-channels", "0", "--quant", "binary-relax"], "binary-relax"),
 ])
 def test_bad_low_rank_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
@@ -279,6 +298,52 @@ def test_bad_low_rank_input_is_one_line_and_exit_2(tmp_path, capsys, args, needl
     code, _, err = run_cli(["train", "--out", out, "--epochs", "1", "--threads", "1", *args], capsys)
     assert code == 2 and err.startswith("error:") and needle in err, err
     assert len(err.strip().splitlines()) == 1 and not (out.exists() and any(out.iterdir()))
+
+
+def test_low_rank_with_channel_sparsity_refuses_a_schedule_it_cannot_keep(tmp_path):
+    with pytest.raises(UsageError, match="finetune_fraction does not apply"):
+        make_config(None, {**BASE, "prune_channels": 0.5, "finetune_fraction": 0.5})
+    cfg = make_config(None, {**BASE, "prune_channels": 0.5, "rank_admm_at": 0.0, "epochs": 3,
+                             "out": str(tmp_path / "r"), "name": "x"})
+    with pytest.raises(UsageError, match="sparse epoch before the ADMM phase"):
+        fit(cfg)
+    assert not (tmp_path / "r" / "x").exists()
+
+
+def test_low_rank_composes_with_channel_sparsity_and_the_export_removes_pruned_channels(tmp_path):
+    """--prune-channels 0.5 --low-rank 2x: the mask is fixed when the ADMM phase starts, ranks are chosen for
+    the channels that remain (2x of their dense parameters), pruned channels stay zero through the swap and
+    the fine-tune, and export --prune-channels removes them from the factors' integer kernels."""
+    from rcdeploy.export.api import export_checkpoint
+
+    # ResNet-20: its strided 1x1 shortcuts are matrices (SVD) whose pruned input columns must stay whole
+    cfg = {**BASE, "model": "resnet20", "width": 0.25, "train_samples": 256, "low_rank": 2, "prune_channels": 0.5,
+           "epochs": 5, "out": str(tmp_path / "r"), "name": "x"}
+    result = fit(make_config(None, cfg))
+    phases = [(m["phase"], m["low-rank"]["phase"]) for m in result.metrics]
+    assert phases == [("sparsify", "dense"), ("finetune", "admm"), ("finetune", "admm"),
+                      ("finetune", "factorized"), ("finetune", "factorized")]
+    removed = [m["sparsity"]["channels_removable"] for m in result.metrics]
+    assert removed[1] >= 0.45 * result.metrics[1]["sparsity"]["channels_prunable"]
+    assert removed[1:] == [removed[1]] * 4  # the pruned channels stay pruned through the swap
+    lr = result.metrics[-1]["low-rank"]
+    assert 2.0 <= lr["ratio"] < 2.2  # of the remaining channels' dense parameters, not of the unpruned model's
+
+    summary = export_checkpoint(tmp_path / "r" / "x" / "best.pt", output=tmp_path / "m.onnx", prune_channels=True)
+    assert summary["verification"]["within_tolerance"] >= 0.995
+    card = json.loads((tmp_path / "m.json").read_text())
+    rows = {r["name"]: r for r in card["layers"]}
+    stored = remaining_dense = 0
+    for name, d in card["model"]["kwargs"]["low_rank"]["layers"].items():
+        parts = [rows[n] for n in (name, f"{name}.first", f"{name}.core", f"{name}.last") if n in rows]
+        co, ci = parts[-1]["out_channels"], parts[0]["in_channels"]  # what remains after the shrink
+        kh, kw = (rows.get(f"{name}.core") or rows[name])["kernel"]
+        remaining_dense += co * ci * kh * kw + co
+        stored += sum(p["params"] for p in parts)
+        assert d["ranks"][0] <= co and (d["form"] != "tucker" or d["ranks"][1] <= ci)
+    assert stored <= remaining_dense / 2 * 1.03, (stored, remaining_dense)
+    assert card["low_rank"]["params"] == stored
+    assert sum(r["params"] for r in card["layers"]) < 0.5 * card["low_rank"]["dense_params"]
 
 
 def test_every_factorized_form_exports_as_qlinearconv_and_prunes_zeroed_rank_channels():

@@ -144,6 +144,15 @@ class ChannelGroup:
         return ~zero
 
     @torch.no_grad()
+    def zero_inputs_(self, model: nn.Module, channels: torch.Tensor) -> None:
+        """Zero the consumers' input columns of channels (bool mask): they multiply zeros once the channels
+        are pruned, so nothing changes, but a low-rank projection then sees the layer's true shape."""
+        for name in self.consumers:
+            w = model.get_submodule(name).weight
+            if w.shape[1] == self.size:  # a conv or linear reading exactly this group's channels
+                w[:, channels.to(w.device)] = 0
+
+    @torch.no_grad()
     def zero_(self, model: nn.Module, channels: torch.Tensor) -> None:
         """Zero channels (bool mask or index tensor) on every producer row and every BN of the group."""
         if not self.prunable:

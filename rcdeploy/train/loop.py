@@ -232,6 +232,14 @@ def finetune_epoch(cfg: TrainConfig) -> int:
     It can equal `cfg.epochs` (one epoch, or a fraction that rounds to none): the mask is then fixed
     after the last epoch's training instead, so best.pt always comes from a mask-fixed model.
     """
+    if cfg.low_rank is not None:  # low rank chooses ranks for the channels that remain: the mask is fixed then
+        from rcdeploy.train.lowrank import phase_epochs
+
+        start = phase_epochs(cfg.epochs, cfg.rank_admm_at, cfg.rank_swap_at)[0]
+        if start < 1:
+            raise UsageError(f"--low-rank with --prune-channels needs a sparse epoch before the ADMM phase: "
+                             f"rank_admm_at {cfg.rank_admm_at} of {cfg.epochs} epochs starts it at epoch 0")
+        return start
     return cfg.epochs - int(round(cfg.epochs * cfg.finetune_fraction))
 
 
@@ -259,7 +267,7 @@ def _sparsity_for(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
                            finetune_at=finetune_epoch(cfg) / cfg.epochs, **params)
 
 
-def _plugins_for(cfg: TrainConfig, model: nn.Module) -> list[Any]:
+def _plugins_for(cfg: TrainConfig, model: nn.Module, sparsity: Any = None) -> list[Any]:
     """Per-epoch training plugins (today: Binary-Relax). A plugin has `name`, `start_epoch(model, epoch)`,
     `lr_factor(epoch)`, `eligible(epoch)` (may this epoch become best.pt), `stats()`, `state_dict()`,
     `load_state_dict(state)` and `remove()` (undo what it did to the model)."""
@@ -272,7 +280,8 @@ def _plugins_for(cfg: TrainConfig, model: nn.Module) -> list[Any]:
         from rcdeploy.train.lowrank import LowRank
 
         return [LowRank(model, quant_spec(cfg), epochs=cfg.epochs, ratio=float(cfg.low_rank), rho=cfg.rank_rho,
-                        admm_at=cfg.rank_admm_at, swap_at=cfg.rank_swap_at, multiple=cfg.channel_multiple)]
+                        admm_at=cfg.rank_admm_at, swap_at=cfg.rank_swap_at, multiple=cfg.channel_multiple,
+                        sparsity=sparsity)]
     return []
 
 
@@ -489,7 +498,8 @@ def _resumed_model(ckpt: dict[str, Any], run_dir: Path, device: torch.device) ->
 
 def _methods(cfg: TrainConfig, model: nn.Module, batches: int, ckpt: dict[str, Any] | None) -> tuple[Any, list[Any]]:
     """The run's sparsity method and plugins, their state restored from `ckpt` when resuming."""
-    sparsity, plugins = _sparsity_for(cfg, model, batches), _plugins_for(cfg, model)
+    sparsity = _sparsity_for(cfg, model, batches)
+    plugins = _plugins_for(cfg, model, sparsity)
     for p in plugins:
         state = ((ckpt or {}).get("plugins_state") or {}).get(p.name)
         if state is not None:
@@ -611,6 +621,8 @@ class _Run:
                 # The plugin replaced layers (low rank's swap): the spec must rebuild them, and the optimizer
                 # must hold the new parameters (it restarts without momentum).
                 self.spec = {**self.spec, "kwargs": {**self.spec["kwargs"], **p.spec_kwargs()}}
+                if sparsity is not None:
+                    sparsity.retrace(model)  # new layers, new channel groups; pruned channels stay pruned
                 self.forward = wrap(model, self.world, self.device, sync_bn=False)  # DDP over the new parameters
                 self.bn = BatchNormAverager(model, cfg.micro_batches or 1)
                 lr = self.optimizer.param_groups[0]["lr"]

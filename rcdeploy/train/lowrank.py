@@ -17,6 +17,11 @@ The paper's schedule, rho and rank criterion are not public (docs: METHODS.md se
 5. adversarial fine-tuning of the factors for the remaining epochs; only these (factorized) epochs may
    become best.pt.
 
+With channel sparsity (`--prune-channels`) the mask is fixed when step 3 starts (loop.finetune_epoch): the
+input columns that read pruned channels are zeroed (they multiply zeros), every layer is allocated at its
+remaining shape (`remaining`), the projection keeps zero channels exactly zero, and after the swap the
+sparsity plugin traces the factorized model's channel groups again, keeping exactly the zero channels masked.
+
 Ranks: greedy by normalized singular-value energy (s_j^2 / ||W||^2, weighted by the layer's share of the
 dense parameters) gained per stored parameter (weights + biases, as the export stores them), in steps of
 `--channel-multiple`; a step that gains no energy (beyond an exactly low-rank layer's rank) is never
@@ -178,6 +183,16 @@ def allocate(weights: dict[str, torch.Tensor], ratio: float, multiple: int = 1) 
     return alloc
 
 
+def remaining(w: torch.Tensor) -> torch.Tensor:
+    """`w` without its all-zero output rows and input columns (pruned channels): the shape it is stored at."""
+    dims = tuple(range(2, w.dim()))
+    rows = w.abs().amax(dim=(1, *dims)) > 0
+    cols = w.abs().amax(dim=(0, *dims)) > 0
+    if not rows.any() or not cols.any():
+        return w  # a fully zero layer: nothing to compact to (allocation keeps its smallest ranks)
+    return w[rows][:, cols]
+
+
 # -- the training plugin ----------------------------------------------------------------------------------
 
 
@@ -224,7 +239,7 @@ class LowRank:
 
     def __init__(self, model: nn.Module, spec: QuantSpec, *, epochs: int, ratio: float, rho: float = 1e-2,
                  admm_at: float = 0.3, swap_at: float = 0.7, multiple: int = 1,
-                 keep_dense: Sequence[str] = ()) -> None:
+                 keep_dense: Sequence[str] = (), sparsity: Any = None) -> None:
         if not 0 <= admm_at <= swap_at <= 1:
             raise UsageError(f"low rank needs 0 <= rank_admm_at <= rank_swap_at <= 1 (got {admm_at}, {swap_at})")
         if rho < 0:
@@ -232,6 +247,7 @@ class LowRank:
         self.model, self.spec = model, spec
         self.ratio, self.rho, self.multiple, self.keep_dense = float(ratio), float(rho), int(multiple), list(keep_dense)
         self.admm_start, self.swap_epoch = phase_epochs(epochs, admm_at, swap_at)
+        self.sparsity = sparsity  # channel sparsity: its mask is fixed by the time ranks are chosen
         self.structure: dict[str, Any] | None = None  # the allocation's model-spec form, once chosen
         self.allocation: dict[str, Any] | None = None  # its report (ranks, params)
         self.z: dict[str, torch.Tensor] = {}
@@ -274,9 +290,19 @@ class LowRank:
 
     @torch.no_grad()
     def choose_ranks(self) -> None:
-        """Global rank selection on the current weights; Z = Proj(W), U = 0."""
+        """Global rank selection on the current weights; Z = Proj(W), U = 0. With channel sparsity the ranks
+        are chosen for the channels that remain: pruned channels' rows and input columns are zero, and the
+        budget counts each layer at its remaining shape (what export --prune-channels stores)."""
+        if self.sparsity is not None:
+            if not self.sparsity.finetuning:
+                raise RuntimeError("low rank chooses ranks after the channel mask is fixed (config.finetune_epoch)")
+            self.sparsity.zero_pruned_inputs(self.model)
         layers = candidate_layers(self.model, self.keep_dense)
-        alloc = allocate({n: m.weight.detach() for n, m in layers}, self.ratio, self.multiple)
+        alloc = allocate({n: remaining(m.weight.detach()) for n, m in layers}, self.ratio, self.multiple)
+        for n, m in layers:  # a matrix layer's second rank is its whole input (SVD), pruned columns included
+            plan = alloc.plans[n]
+            if alloc.geometry[n].matrix and plan.form != DENSE:
+                alloc.plans[n] = LayerPlan(plan.form, (plan.ranks[0], int(m.weight.shape[1])))
         self.structure, self.allocation = alloc.structure(), alloc.report()
         for n, m in self._admm_layers().items():
             self.z[n] = self._proj(n, m.weight.detach())

@@ -143,6 +143,23 @@ class Sparsity:
         self.masks = self.fix_masks(self.scores(model))
         self.apply_masks(model)
 
+    @torch.no_grad()
+    def zero_pruned_inputs(self, model: nn.Module) -> None:
+        """Zero the input columns that read pruned channels (the fixed mask): low rank calls this before it
+        chooses ranks, so that a layer's rank budget is spent on the channels that remain."""
+        model = unwrap(model)
+        for g, mask in zip(self.groups, self.masks or []):
+            if mask.any():
+                g.zero_inputs_(model, mask)
+
+    def retrace(self, model: nn.Module) -> None:
+        """The model's layers were replaced (low rank's swap): trace its groups again and fix, as the mask,
+        exactly the channels that are zero now (the pruned ones stay pruned; new groups, such as the rank
+        channels of factorized layers, keep every non-zero channel)."""
+        model = unwrap(model)
+        self.groups = trace_channels(model).prunable()
+        self.masks = [~g.alive(model) for g in self.groups]
+
     def stats(self, model: nn.Module) -> dict[str, Any]:
         """Share of prunable channels that are removable now, in total and per group (by first producer)."""
         model = unwrap(model)
