@@ -44,6 +44,7 @@ QUANT_METHODS.declare("binary-relax", "rcdeploy.quant.binary_relax:BinaryRelax",
 SCHEDULES: Registry[Any] = Registry("schedule", ordered=True)
 for _name in ("cosine", "piecewise", "constant"):
     SCHEDULES.declare(_name)
+SCHEDULES.declare("onecycle", help="torch's OneCycleLR: cosine up from lr/25 to lr over 30%, down to lr/25e4")
 OPTIMIZERS: Registry[Any] = Registry("optimizer", ordered=True)
 for _name in ("sgd", "adam"):
     OPTIMIZERS.declare(_name)

@@ -101,7 +101,7 @@ def _pretrain(cfg: TrainConfig, model: nn.Module, data: Dataset, device: torch.d
             gen = batch_generator(cfg.seed, -(epoch + 1), b, device)  # draws apart from the fine-tune epochs'
             x, y = augment(data.train.x[idx], data.meta, gen), data.train.y[idx]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(short, epoch + b / batches)
+                group["lr"] = lr_at(short, epoch + b / batches, batches)
             loss, logits = objective(model, x, y, settings, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -87,8 +87,9 @@ def batch_generator(seed: int, epoch: int, batch: int, device: torch.device, mic
     return g
 
 
-def lr_at(cfg: TrainConfig, progress: float) -> float:
-    """Learning rate at `progress` (epochs done, fractional)."""
+def lr_at(cfg: TrainConfig, progress: float, steps_per_epoch: int | None = None) -> float:
+    """Learning rate at `progress` (epochs done, fractional); `steps_per_epoch` (optimizer steps per epoch)
+    makes `onecycle` step-exact (the trainer passes it; without it, onecycle is its many-steps limit)."""
     if cfg.warmup_epochs and progress < cfg.warmup_epochs:
         return cfg.lr * progress / cfg.warmup_epochs
     frac = progress / cfg.epochs
@@ -96,7 +97,32 @@ def lr_at(cfg: TrainConfig, progress: float) -> float:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
     if cfg.schedule == "piecewise":
         return cfg.lr * cfg.gamma ** sum(frac >= m for m in cfg.milestones)
+    if cfg.schedule == "onecycle":
+        return onecycle_lr(cfg.lr, progress, cfg.epochs, steps_per_epoch)
     return cfg.lr
+
+
+ONECYCLE_PCT_START, ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 0.3, 25.0, 1e4  # torch OneCycleLR's defaults
+
+
+def onecycle_lr(peak: float, progress: float, epochs: int, steps_per_epoch: int | None = None) -> float:
+    """torch.optim.lr_scheduler.OneCycleLR(max_lr=peak, total_steps=epochs * steps_per_epoch), its defaults
+    (pct_start 0.3, anneal_strategy cos, div_factor 25, final_div_factor 1e4, two phases; momentum is not
+    cycled here): cosine from peak/25 up to peak over the first 30% of the steps, then cosine down to
+    peak/25/1e4. Step s = progress * steps_per_epoch; without steps_per_epoch the fraction of training done
+    stands for it (the curve torch's approaches as the steps grow)."""
+    start, end = peak / ONECYCLE_DIV, peak / ONECYCLE_DIV / ONECYCLE_FINAL_DIV
+    if steps_per_epoch:
+        total = epochs * steps_per_epoch
+        step, up = min(float(round(progress * steps_per_epoch)), total - 1.0), ONECYCLE_PCT_START * total - 1
+        down = total - 1.0
+    else:
+        step, up, down = min(progress / epochs, 1.0), ONECYCLE_PCT_START, 1.0
+    if step <= up:
+        lo, hi, pct = start, peak, step / up if up > 0 else 1.0
+    else:
+        lo, hi, pct = peak, end, (step - up) / (down - up)
+    return hi + (lo - hi) / 2.0 * (math.cos(math.pi * pct) + 1.0)
 
 
 def adv_settings(cfg: TrainConfig, default_eps: float) -> AdvSettings:
@@ -638,7 +664,7 @@ class _Run:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         parts = micro_slices(len(idx), cfg.micro_batches or 1)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch + b / self.batches) * lr_factor
+            group["lr"] = lr_at(cfg, epoch + b / self.batches, self.batches) * lr_factor
         optimizer.zero_grad(set_to_none=True)
         self.bn.begin_step()
         sums = torch.zeros(3, dtype=torch.float64)  # loss x images, correct, images
