@@ -23,7 +23,14 @@ deployed file by `rcdeploy.deploy.bench.bench_model`:
 - `rgsm-mixed`: `rgsm` with `--adv mixed --alpha 0.5` instead of PGD-AT: the trade-off loss vs PGD-AT at equal
   bits, with both runs' channel sparsity counted as the seed-002 code counts it (`paper_sparsity`);
 - `rgsm8`: RGSM channels at B: 8-bit weights, `--prune-channels 0.3` (about 0.7^2 of the weights at twice the
-  bits), otherwise as `rgsm`.
+  bits), otherwise as `rgsm`;
+- `cstar`: CSTAR low rank at the `rgsm` row's parameter count: 4-bit, `--low-rank 4` (every conv but the stem
+  Tucker-2 / SVD factorized to a quarter of its dense parameters: 68,746 stored parameters vs RGSM's 68,394,
+  +0.5%), `--rank-rho 0.3`, PGD-AT;
+- `cstar16`: `cstar` with ranks in multiples of 16 (`--channel-multiple 16`): onnxruntime's fast symmetric
+  int8 conv kernel needs at least 16 output channels (benchmarks/lowrank_latency.py);
+- `cstar-rgsm`: both at that count: RGSM `--prune-channels 0.3` (as `rgsm8`), then `--low-rank 2` of the
+  remaining channels' parameters, 4-bit, exported with `prune_channels=True`.
 
 Trainings run `--jobs` at a time (subprocesses, 1 thread each; each also scores its own file, 1 thread); the
 latency of every file is measured afterwards, one file at a time (onnxruntime, bench's `cpu` target, batch 1
@@ -48,9 +55,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-KEY = "compression"
+KEY = "compression"  # the default settings' section and results key; others get their own (section_keys)
+DEFAULT_SETTINGS = (3, 2000)  # epochs, training images
 ATTACKS = "pgd20,autoattack-fast"
-ROWS = ("w4", "auto", "atmc", "rgsm", "rgsm-mixed", "rgsm8")
+ROWS = ("w4", "auto", "atmc", "rgsm", "rgsm-mixed", "rgsm8", "cstar", "cstar16", "cstar-rgsm")
 RGSM8_PRUNE = 0.3  # 8-bit, 30% of the channels removed: about 0.7^2 x 2 = 0.98 of the 4-bit bytes (B)
 RGSM_PARAMS = {"lambda1": 0.1, "beta": 1.0, "lambda2": 1.0e-5, "min_keep": 0.5}
 # The reference code's ADMM settings. rho 5 / every 4 batches (the digits recipe's, tuned so that a small_cnn's
@@ -58,11 +66,17 @@ RGSM_PARAMS = {"lambda1": 0.1, "beta": 1.0, "lambda2": 1.0e-5, "min_keep": 0.5}
 # switch to W = Z the model had 17% clean / 3% PGD-10 on the validation split (rho 1: 24 / 12, rho 0.1: 28 / 17,
 # dense 8-bit: 35 / 21 FGSM), and the row ended at 1% PGD-20 (the switch itself moved little at any rho).
 ATMC_PARAMS = {"rho": 0.1, "quant_interval": 10}
+# CSTAR's rho is not public. At 3 epochs (1 dense, 1 ADMM, 1 factorized) rho 0.03 left ||W - Proj(W)|| / ||W||
+# at 0.75 when the layers were swapped (validation clean / FGSM after the fine-tune 23.4 / 16.7); rho 0.3 left
+# 0.06 (26.4 / 17.4).
+CSTAR_RHO = 0.3
 CODEBOOK_BITS = 4
 TITLES = {"w4": "uniform 4-bit", "auto": "auto bits (measured gain)",
           "atmc": "ATMC (8-bit grid, 4-bit codebook)",
           "rgsm": "RGSM channels 0.5, 4-bit", "rgsm-mixed": "RGSM channels 0.5, 4-bit, mixed loss a=0.5",
-          "rgsm8": "RGSM channels 0.3, 8-bit (about B)"}
+          "rgsm8": "RGSM channels 0.3, 8-bit (about B)", "cstar": "CSTAR low rank 4x, 4-bit",
+          "cstar16": "CSTAR low rank 4x, ranks x16, 4-bit",
+          "cstar-rgsm": "RGSM channels 0.3 + CSTAR 2x, 4-bit"}
 
 
 # ----------------------------------------------------------------------------------------- sizes
@@ -130,6 +144,13 @@ def row_settings(name: str, args: argparse.Namespace, budget: int,
         export["prune_channels"] = True
         if name == "rgsm-mixed":
             base.update(adv="mixed", alpha=0.5)
+    elif name in ("cstar", "cstar16", "cstar-rgsm"):
+        base.update(low_rank=2 if name == "cstar-rgsm" else 4, rank_rho=CSTAR_RHO)
+        if name == "cstar16":
+            base.update(channel_multiple=16)
+        if name == "cstar-rgsm":
+            base.update(sparsity="rgsm", prune_channels=RGSM8_PRUNE, sparsity_params=dict(RGSM_PARAMS))
+            export["prune_channels"] = True
     elif name != "w4":
         raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
     return base, export
@@ -160,7 +181,14 @@ def run_row(name: str, out: Path, spec: dict[str, Any]) -> dict[str, Any]:
             stale.unlink(missing_ok=True)
     if not onnx_path.is_file():
         t = time.perf_counter()
-        run = rcdeploy.train(out=str(out / "runs"), name=name, **train_kw)
+        if (run_dir / "last.pt").is_file():  # an interrupted (or crashed) run of these settings: continue it
+            print(f"[compression] {name}: resuming {run_dir}", file=sys.stderr, flush=True)
+            run = rcdeploy.train(resume=run_dir, threads=train_kw.get("threads"))
+        else:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run that stopped before its first checkpoint
+            run = rcdeploy.train(out=str(out / "runs"), name=name, **train_kw)
         train_s = time.perf_counter() - t
         run_dir = Path(run.run_dir)
         print(f"[compression] {name}: trained in {train_s:.0f} s", file=sys.stderr, flush=True)
@@ -191,6 +219,7 @@ def run_row(name: str, out: Path, spec: dict[str, Any]) -> dict[str, Any]:
         "best_epoch": (card.get("training_metrics") or {}).get("best"),
         "verification": card.get("verification"), "notes": card.get("notes"),
         "channels_kept": card.get("channels_kept"), "bits": card.get("bits"), "macs": card.get("macs"),
+        "params": card_params(card), "low_rank": _low_rank_summary(card),
         "bit_allocation": _allocation_summary(card),
     }
     if row["zip_bytes"] is None:
@@ -199,6 +228,22 @@ def run_row(name: str, out: Path, spec: dict[str, Any]) -> dict[str, Any]:
         row["zip_bytes"] = zip_bytes(data)
     (out / f"{name}.row.json").write_text(json.dumps(common._jsonable(row), indent=1) + "\n")
     return row
+
+
+def card_params(card: dict[str, Any]) -> int | None:
+    """Parameters the file stores (weights + folded biases of every weight layer)."""
+    try:
+        return sum(int(x["params"]) for x in card["layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _low_rank_summary(card: dict[str, Any]) -> dict[str, Any] | None:
+    lr = card.get("low_rank")
+    if not lr:
+        return None
+    return {k: lr.get(k) for k in ("params", "dense_params", "ratio", "macs", "dense_macs", "mac_ratio")} | {
+        "ranks": {n: [d["form"], *d["ranks"]] for n, d in (lr.get("layers") or {}).items()}}
 
 
 def _allocation_summary(card: dict[str, Any]) -> dict[str, Any] | None:
@@ -233,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="rows trained at once (subprocesses, 1 thread each)")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--quick", action="store_true", help="1 epoch on 512 images, 32 test images (smoke run)")
+    ap.add_argument("--note", help="a sentence printed under the section's machine line (kept across resumed runs)")
     ap.add_argument("--no-write", action="store_true",
                     help="print only; leave BENCHMARKS.md and results.json alone")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one row from its spec file
@@ -267,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     same = all(prev.get(k) == results[k] for k in ("epochs", "train_samples", "samples", "budget_bytes"))
     if same and prev.get("machine"):
         results["machine"] = prev["machine"]
+    results["note"] = args.note if args.note is not None else (prev.get("note") if same else None)
     t0 = time.perf_counter() - (prev.get("wall_s") or 0.0 if same else 0.0)
     specs = {}
     for name in rows:
@@ -278,14 +325,18 @@ def main(argv: list[str] | None = None) -> int:
         if not p.is_file():
             return None
         r = json.loads(p.read_text())
+        card = out / f"{name}.json"
+        if r.get("params") is None and card.is_file():  # rows finished before the params column existed
+            r["params"] = card_params(json.loads(card.read_text()))
         return r if r.get("spec") == common._jsonable(specs[name]) else None
 
     def save() -> None:
         results["wall_s"] = time.perf_counter() - t0
         state.write_text(json.dumps(common._jsonable(results), indent=1) + "\n")
         if not args.no_write:
-            common.update_results(KEY, results)
-            common.write_section(KEY, markdown(results))
+            section, key = section_keys(args)
+            common.update_results(key, results)
+            common.write_section(section, markdown(results))
 
     pending = [n for n in rows if finished(n) is None]
     for n in rows:
@@ -332,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(common.text_table(*table(results)))
     if not args.no_write:
-        print(f"[compression] wrote {common.MARKDOWN.name} ({KEY} section)", file=sys.stderr)
+        print(f"[compression] wrote {common.MARKDOWN.name} ({section_keys(args)[0]} section)", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -348,7 +399,7 @@ def _int(v: Any) -> str:
 
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["row", "clean %", "PGD-20 %", "worst %", "file B", "zip B", "nominal B", "theoretical B",
+    headers = ["row", "clean %", "PGD-20 %", "worst %", "params", "file B", "zip B", "nominal B", "theoretical B",
                "ATMC ratio", "file ratio", "chan. sparsity", "MMACs", "p50 ms b1", "p50 ms b64"]
     fp32 = 4 * results["weights_total"]
     out = []
@@ -361,7 +412,7 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ps = r.get("paper_sparsity") or {}
         ratio = comp.get("atmc_ratio")
         out.append([TITLES.get(name, name), _pct(r["clean_acc_pct"]), _pct(r["robust"].get("pgd20")),
-                    _pct(r["worst_case_acc_pct"]), _int(r["file_bytes"]), _int(r["zip_bytes"]),
+                    _pct(r["worst_case_acc_pct"]), _int(r.get("params")), _int(r["file_bytes"]), _int(r["zip_bytes"]),
                     _int(r.get("nominal_bytes")), _int(comp.get("theoretical_bytes")),
                     f"{ratio:.4f}" if isinstance(ratio, (int, float)) else "-",
                     f"{r['file_bytes'] / fp32:.3f}",
@@ -396,7 +447,13 @@ extra epoch at 8 bits (`--auto-bits-epochs 1`). ATMC: `--bits 8 --sparsity atmc 
 Z/U every {interval} batches{reference}, last third W = Z; P chosen so its theoretical size equals B. RGSM: `--sparsity rgsm
 --prune-channels 0.5` (lambda1 0.1, beta 1, lambda2 1e-5, min_keep 0.5), exported with
 `prune_channels=True`; its mixed twin trains with `--adv mixed --alpha 0.5` instead of PGD-AT; the RGSM row at B
-trains 8-bit weights with `--prune-channels {rgsm8_prune:g}`.
+trains 8-bit weights with `--prune-channels {rgsm8_prune:g}`. CSTAR (at the 4-bit RGSM row's parameter count,
+the params column): `--low-rank 4 --rank-rho {cstar_rho:g}`, ranks chosen globally (rcdeploy/train/lowrank.py),
+ADMM from 30% of the epochs, the swap to factorized layers at 70%, adversarial fine-tuning after (the
+x16 row: ranks in multiples of 16, `--channel-multiple 16`, the narrowest convs onnxruntime's fast int8 conv
+kernel takes); its
+composition with channel pruning: RGSM `--prune-channels {rgsm8_prune:g}` fixes the mask when the ADMM phase
+starts, then `--low-rank 2` of the remaining channels' parameters, exported with `prune_channels=True`.
 |
 Byte definitions. file B: the ONNX file on disk (4-bit and narrower weights packed INT4, wider int8, with
 the graph); zip B: that file in a zip archive (deflate, level 6; model.json `compression.zip_bytes`);
@@ -414,6 +471,15 @@ RGSM row with 30% of the channels removed is the channel-pruning row at about B.
 """
 
 
+def section_keys(args: argparse.Namespace) -> tuple[str, str]:
+    """(BENCHMARKS.md section, results.json key): the default settings' table is `compression`; a run at other
+    epochs / images writes its own section beside it instead of replacing it."""
+    if not args.quick and (args.epochs, args.train_samples) == DEFAULT_SETTINGS:
+        return KEY, KEY
+    tag = f"{'quick-' if args.quick else ''}e{args.epochs}"
+    return f"{KEY}-{tag}", f"{KEY}_{tag.replace('-', '_')}_n{args.train_samples}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     first = next((r for r in results["rows"].values() if "spec" in r), None)
     samples = first["samples"] if first else results["samples"]
@@ -427,13 +493,17 @@ def markdown(results: dict[str, Any]) -> str:
                          prune=results["atmc_prune_weights"], weights=results["weights_total"],
                          rho=atmc_params.get("rho", ATMC_PARAMS["rho"]),
                          interval=atmc_params.get("quant_interval", ATMC_PARAMS["quant_interval"]),
-                         rgsm8_prune=RGSM8_PRUNE,
+                         rgsm8_prune=RGSM8_PRUNE, cstar_rho=CSTAR_RHO,
                          reference=" (the reference code's)" if atmc_params == {"rho": 0.1, "quant_interval": 10} else "")
-    lines = ["## Robust compression at equal deployed bytes: uniform 4-bit, auto bits, ATMC, RGSM channels "
-             "(CIFAR-10 slice)", "",
+    default = not results["quick"] and (results["epochs"], results["train_samples"]) == DEFAULT_SETTINGS
+    title = ("## Robust compression at equal deployed bytes or parameters: uniform 4-bit, auto bits, ATMC, RGSM "
+             "channels, CSTAR low rank (CIFAR-10 slice)" if default else
+             f"### The same table at {results['epochs']} epochs on {results['train_samples']:,} images (CIFAR-10 "
+             "slice)")
+    lines = [title, "",
              f"Machine: {common.machine_line(results['machine'])}. `{command}`"
              f"{' (smoke run, not for quoting)' if results['quick'] else ''}; wall "
-             f"{results.get('wall_s', 0) / 60:.0f} min.", ""]
+             f"{results.get('wall_s', 0) / 60:.0f} min.", ""] + ([results["note"], ""] if results.get("note") else [])
     for para in intro.strip().split("\n|\n"):
         lines += [" ".join(para.split()), ""]
     lines.append(common.markdown_table(*table(results)))
@@ -451,7 +521,7 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{100 * ps.get('paper_channel_sparsity', 0):.1f}%, channel (quantized) "
                          f"{100 * ps.get('quantized_channel_sparsity', 0):.1f}%")
         kept = r.get("channels_kept")
-        if isinstance(kept, dict) and name.startswith("rgsm"):
+        if isinstance(kept, dict) and "rgsm" in name and not r.get("low_rank"):  # factor names are not layers
             full = {x["name"]: x["out_channels"] for x in nominal_layers()}
             total = sum(full.get(k, 0) for k in kept)
             extra.append(f"output channels kept in the file {sum(kept.values())} of {total} "
@@ -459,7 +529,7 @@ def markdown(results: dict[str, Any]) -> str:
         by_epoch = [(h.get("epoch"), h.get("phase"),
                      (h.get("paper_sparsity") or {}).get("paper_channel_sparsity"))
                     for h in r.get("history") or []]
-        if name.startswith("rgsm") and by_epoch:
+        if "rgsm" in name and by_epoch:
             extra.append("channel sparsity by epoch (phase): " + ", ".join(
                 f"{e} ({ph}) {100 * c:.1f}%" for e, ph, c in by_epoch if isinstance(c, (int, float))))
         comp = r.get("compression") or {}
@@ -476,11 +546,33 @@ def markdown(results: dict[str, Any]) -> str:
         for f in r.get("flags") or []:
             extra.append(f"flag: {f}")
         notes.append(f"- {TITLES.get(name, name)}: " + "; ".join(extra) + ".")
-    notes += tradeoff_lines(results)
+    notes += tradeoff_lines(results) + low_rank_lines(results)
     missing = [n for n in ROWS if n not in results["rows"]]
     if missing:
         notes.append(f"- not run yet: {', '.join(missing)}.")
     return "\n".join(lines + notes) + "\n"
+
+
+def low_rank_lines(results: dict[str, Any]) -> list[str]:
+    """CSTAR against RGSM channels at (about) equal parameters. (The factorized files' latency against the dense
+    one's is timed interleaved by benchmarks/lowrank_latency.py --files, not from this table's columns.)"""
+    rows, out = results["rows"], []
+    for name in ("cstar", "cstar16", "cstar-rgsm"):
+        r, peer = rows.get(name) or {}, rows.get("rgsm") or {}
+        if "params" not in r or "params" not in peer:
+            continue
+        lr = r.get("low_rank") or {}
+        forms: dict[str, int] = {}
+        for form, *_ in (lr.get("ranks") or {}).values():
+            forms[form] = forms.get(form, 0) + 1
+        out.append(f"- {TITLES[name]} vs {TITLES['rgsm']}: {r['params']:,} vs {peer['params']:,} parameters "
+                   f"({100 * (r['params'] / peer['params'] - 1):+.1f}%); clean {r['clean_acc_pct']:.1f}% vs "
+                   f"{peer['clean_acc_pct']:.1f}%, PGD-20 {r['robust'].get('pgd20', float('nan')):.1f}% vs "
+                   f"{peer['robust'].get('pgd20', float('nan')):.1f}%, worst {r['worst_case_acc_pct']:.1f}% vs "
+                   f"{peer['worst_case_acc_pct']:.1f}%; factorized layers "
+                   + ", ".join(f"{c} {f}" for f, c in sorted(forms.items()))
+                   + (f", {lr['mac_ratio']:.2f}x fewer MACs in them" if lr.get("mac_ratio") else "") + ".")
+    return out
 
 
 def tradeoff_lines(results: dict[str, Any]) -> list[str]:

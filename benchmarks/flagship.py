@@ -1,0 +1,926 @@
+"""The flagship benchmark (issue 16, item 1): does a 4-bit, half-channel ResNet-20 file keep the robustness of a
+float ResNet-20 trained by plain PyTorch in the same run, at the same training budget?
+
+    python benchmarks/flagship.py [--epochs 30] [--rows yardstick,float,w4,w4-p50] [--attacks autoattack]
+                                  [--samples N] [--train-samples N] [--jobs 1] [--threads 2] [--quick]
+                                  [--no-write]
+
+CIFAR-10 slice (../shared/data/cifar10-slice: 4,660 training images, 932 test images), eps 8/255. Every row is
+trained from scratch with the same budget: `--epochs` epochs, batch 128, FGSM-RS (Wong et al. 2020: uniform
+start in the eps ball, one step of 1.25 eps, clamped to [0, 1]), SGD momentum 0.9 Nesterov, weight decay 5e-4,
+one-cycle learning rate peaking at 0.2 (torch's OneCycleLR with its defaults, momentum not cycled; rcdeploy's
+`--schedule onecycle` is the same curve step for step). 10% of the training split (seeded, stratified:
+rcdeploy's `val_fraction`) is held out; the checkpoint kept is the epoch with the best (PGD-10, clean) accuracy on
+it. The test split is never used for a choice.
+
+- `yardstick`: a standard CIFAR ResNet-20 (3 stages of 3 BasicBlocks, 16/32/64 channels, 1x1-conv shortcuts)
+  in plain torch.nn, trained by the loop in this file (rcdeploy's dataset reader and its validation helper
+  only), exported to a float ONNX file (torch.onnx) and benched by rcdeploy like the others; its PyTorch
+  clean / PGD-20 on the same test images are kept beside as a cross-check.
+- `float`: rcdeploy's ResNet-20 with float weights (`--bits float`, 8-bit activations, first and last layer
+  8-bit as in every row), deployed as the 8-bit integer file (`export bits=8`: rcdeploy's integer ONNX has no
+  float layers; the weights are post-training quantized at export, verified).
+- `w4`: the recipe `cifar10-resnet20-w4-p50` without the pruning (4-bit weights, first/last 8-bit).
+- `w4-p50`: the recipe `cifar10-resnet20-w4-p50`: `w4` plus `--prune-channels 0.5` (group lasso, the mask fixed
+  for the last 30% of the epochs), exported with `prune_channels=True` (the dead channels removed from the file).
+
+Every rcdeploy row is trained by `rcdeploy.train`, exported (verified) by `rcdeploy.export` and every row's file
+is benched by `rcdeploy.deploy.bench.bench_model` on the deployed file (onnxruntime): clean, PGD-20 and the
+`--attacks` preset (default `autoattack`, the strongest rcdeploy has) on the `--samples` test images (default
+all 932); worst case = per image over clean and every attack. Latency (bench's `cpu` target, batch 1 and 64) is
+measured after all training, one file at a time. Rows train one at a time (`--jobs`), each with `--threads`
+torch threads (bench too). Resumable: every finished row is kept in the scratch folder
+(.bench/perf/flagship-e{epochs}/<row>.row.json) and reused while its settings are unchanged; an interrupted
+training continues from its last.pt, an interrupted bench from its chunk cache. One progress line per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+KEY = "flagship"
+RECIPE = "cifar10-resnet20-w4-p50"
+ROWS = ("yardstick", "float", "w4", "w4-p50")
+ATTACKS = "autoattack"
+QUICK_ATTACKS = "pgd20"
+GOAL_POINTS = 3.0
+YARDSTICK_VERSION = 1  # bump when the yardstick's training loop changes: its finished rows are then retrained
+TITLES = {"yardstick": "yardstick: PyTorch float ResNet-20", "float": "rcdeploy float weights (int8 file)",
+          "w4": "rcdeploy 4-bit", "w4-p50": "rcdeploy 4-bit, 50% channels"}
+ROW_SETTINGS: dict[str, dict[str, Any]] = {"float": {"bits": "float", "prune_channels": 0.0},
+                                           "w4": {"prune_channels": 0.0}, "w4-p50": {}}
+ROW_EXPORT: dict[str, dict[str, Any]] = {"float": {"bits": 8}, "w4": {}, "w4-p50": {"prune_channels": True}}
+QUICK = {"epochs": 1, "train_samples": 256, "samples": 32, "val_samples": 64}
+RUN_ONLY = ("out", "name", "threads", "nproc", "max_restarts", "device")  # settings that do not change a result
+
+
+def log(msg: str) -> None:
+    print(f"[flagship] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+
+def base_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe's overrides every rcdeploy row shares (the budget); the yardstick reads the same."""
+    kw: dict[str, Any] = {"data_dir": str(common.CIFAR_SLICE), "epochs": args.epochs}
+    if args.train_samples is not None:
+        kw["train_samples"] = args.train_samples
+    if args.quick:
+        kw["val_samples"] = QUICK["val_samples"]
+    return kw
+
+
+def resolved(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The full training config a row runs with (recipe < overrides), without the settings that only say
+    where or how fast it runs: a row is reused while this is unchanged."""
+    from rcdeploy.config import make_config
+
+    cfg = make_config(RECIPE, overrides).to_dict()
+    return {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+
+
+def yardstick_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The yardstick's budget: the rcdeploy rows' epochs, batch, optimizer, lr, eps, data and validation."""
+    keys = ("dataset", "data_dir", "val_fraction", "train_samples", "epochs", "batch_size", "lr", "momentum",
+            "nesterov", "weight_decay", "eps", "val_attack", "val_samples", "seed")
+    return {k: cfg[k] for k in keys} | {"schedule": "torch OneCycleLR defaults, cycle_momentum=False",
+                                        "version": YARDSTICK_VERSION}
+
+
+def row_spec(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """Everything a row's result depends on (`train`: the trained file; `bench`: its scoring)."""
+    base = base_settings(args)
+    bench = {"attacks": attack_list(args.attacks), "samples": args.samples, "eps": "8/255"}
+    if name == "yardstick":
+        train = {"yardstick": yardstick_settings(resolved(base))}
+    elif name in ROW_SETTINGS:
+        kw = base | ROW_SETTINGS[name]
+        train = {"config": RECIPE, "overrides": kw, "resolved": resolved(kw), "export": ROW_EXPORT[name]}
+    else:
+        raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+    return {"row": name, "train": common._jsonable(train), "bench": bench, "threads": threads}
+
+
+def attack_list(preset: str) -> str:
+    """`--attacks` with PGD-20 first (the table's column), unless the list already has it."""
+    from rcdeploy.attacks import PRESETS
+
+    names = [n.strip() for s in preset.split(",") if s.strip() for n in PRESETS.get(s.strip().lower(), s).split(",")]
+    return ",".join(names if "pgd20" in names else ["pgd20", *names])
+
+
+# ----------------------------------------------------------------------------------------- yardstick model
+
+
+def resnet20(mean: list[float], std: list[float], classes: int = 10) -> Any:
+    """A standard CIFAR ResNet-20 in plain torch.nn, normalization inside (it takes [0, 1] images)."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = nn.Sequential()
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x: Any) -> Any:
+            out = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))
+            return (out + self.shortcut(x)).relu()
+
+    class ResNet20(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            import torch
+
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            blocks, cin = [], 16
+            for cout, stride in ((16, 1), (32, 2), (64, 2)):
+                for i in range(3):
+                    blocks.append(Block(cin, cout, stride if i == 0 else 1))
+                    cin = cout
+            self.blocks = nn.Sequential(*blocks)
+            self.fc = nn.Linear(64, classes)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+        def forward(self, x: Any) -> Any:
+            x = self.blocks(self.stem((x - self.mean) / self.std))
+            return self.fc(x.mean((2, 3)))
+
+    return ResNet20()
+
+
+def augment(x: Any, gen: Any, pad: int = 4) -> Any:
+    """Random crop with `pad` zero pixels each side and a random horizontal flip, per image, on tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :].expand(n, c, h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def fgsm_rs(model: Any, x: Any, y: Any, eps: float, gen: Any) -> Any:
+    """Wong et al. 2020: uniform start in the eps ball, one signed-gradient step of 1.25 eps, clamped."""
+    import torch
+    import torch.nn.functional as F
+
+    delta = (torch.rand(x.shape, generator=gen) * 2 - 1) * eps
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y), delta)
+    delta = (delta.detach() + 1.25 * eps * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------- yardstick training
+
+
+def yardstick_data(s: dict[str, Any]) -> Any:
+    """The rcdeploy rows' exact split (rcdeploy's reader: same held-out validation, same training subset)."""
+    import dataclasses
+
+    import torch
+
+    from rcdeploy.data import load_dataset
+    from rcdeploy.data.core import Split
+
+    data = load_dataset(s["dataset"], s["data_dir"], val_fraction=s["val_fraction"], seed=s["seed"])
+    n = s["train_samples"]
+    if n is not None and n < len(data.train):  # rcdeploy.train.loop._train_subset's permutation
+        idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(s["seed"] * 31 + 17))[:n]
+        data = dataclasses.replace(data, train=Split(data.train.x[idx], data.train.y[idx]))
+    return data
+
+
+def yardstick_state(s: dict[str, Any], data: Any, run_dir: Path) -> dict[str, Any]:
+    """Model, optimizer and scheduler, restored from run_dir/last.pt when the run was interrupted."""
+    import torch
+
+    torch.manual_seed(s["seed"])
+    model = resnet20(list(data.meta.mean), list(data.meta.std), data.meta.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"],
+                          weight_decay=s["weight_decay"])
+    steps = math.ceil(len(data.train) / s["batch_size"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["lr"], total_steps=s["epochs"] * steps,
+                                                cycle_momentum=False)
+    st: dict[str, Any] = {"model": model, "opt": opt, "sched": sched, "steps": steps, "epoch": 0, "history": [],
+                          "best": None}
+    last = run_dir / "last.pt"
+    if last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        st.update(epoch=ck["epoch"], history=ck["history"], best=ck["best"])
+        log(f"yardstick: resuming {run_dir} at epoch {ck['epoch'] + 1}")
+    return st
+
+
+def yardstick_epoch(st: dict[str, Any], s: dict[str, Any], data: Any, epoch: int) -> dict[str, float]:
+    """One epoch of FGSM-RS training: its loss, accuracy and seconds."""
+    import torch
+    import torch.nn.functional as F
+
+    model, opt, sched = st["model"], st["opt"], st["sched"]
+    model.train()
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(s["seed"] * 7919 + epoch))
+    loss_sum = correct = lr = 0.0
+    t0 = time.perf_counter()
+    for b in range(st["steps"]):
+        idx = order[b * s["batch_size"]:(b + 1) * s["batch_size"]]
+        gen = torch.Generator().manual_seed((s["seed"] * 1_000_003 + epoch) * 100_003 + b)
+        x, y = augment(data.train.x[idx], gen), data.train.y[idx]
+        logits = model(fgsm_rs(model, x, y, s["eps"], gen))
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        loss_sum += float(loss) * len(y)
+        correct += float((logits.argmax(1) == y).sum())
+    n = len(data.train)
+    return {"lr": lr, "train_loss": loss_sum / n, "train_acc": 100 * correct / n,  # lr: the last step's, as rcdeploy's
+            "train_time_s": time.perf_counter() - t0}
+
+
+def yardstick_validate(model: Any, s: dict[str, Any], data: Any) -> dict[str, float]:
+    """rcdeploy's per-epoch validation (same images, attack and seeds as the rcdeploy rows)."""
+    from rcdeploy.train.loop import evaluate
+
+    n = len(data.val) if s["val_samples"] is None else min(s["val_samples"], len(data.val))
+    ev = evaluate(model, data.val.x[:n], data.val.y[:n], s["val_attack"], s["eps"], seed=s["seed"])
+    return {"val_clean_acc": ev["clean_acc"], "val_robust_acc": ev["robust_acc"]}
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_yardstick(s: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Train (or continue) the yardstick; best.pt holds the best validation epoch. Returns the history."""
+    data = yardstick_data(s)
+    st = yardstick_state(s, data, run_dir)
+    model = st["model"]
+    for epoch in range(st["epoch"], s["epochs"]):
+        m = {"epoch": epoch + 1} | yardstick_epoch(st, s, data, epoch)
+        t = time.perf_counter()
+        m |= yardstick_validate(model, s, data) | {"val_time_s": time.perf_counter() - t}
+        st["history"].append(m)
+        best = st["best"]
+        if best is None or (m["val_robust_acc"], m["val_clean_acc"]) > (best["val_robust_acc"], best["val_clean_acc"]):
+            st["best"] = m
+            atomic_torch_save({"model": model.state_dict(), "metrics": m}, run_dir / "best.pt")
+        atomic_torch_save({"model": model.state_dict(), "opt": st["opt"].state_dict(),
+                           "sched": st["sched"].state_dict(), "epoch": epoch + 1, "history": st["history"],
+                           "best": st["best"]}, run_dir / "last.pt")
+        epoch_line("yardstick", m, s["epochs"], s["val_attack"])
+    return {"history": st["history"], "best": st["best"], "meta": data.meta, "data": data}
+
+
+def epoch_line(row: str, m: dict[str, Any], epochs: int, attack: str) -> None:
+    log(f"{row}: epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.3f}  train {m['train_acc']:5.1f}%  "
+        f"val clean {m['val_clean_acc']:5.1f}%  {attack} {m['val_robust_acc']:5.1f}%  "
+        f"train {m['train_time_s']:.0f} s  lr {m['lr']:.4f}" + (f"  [{m['phase']}]" if m.get("phase") else ""))
+
+
+def export_yardstick(path: Path, run_dir: Path, meta: Any, x: Any) -> dict[str, Any]:
+    """best.pt -> a float ONNX file; checked against PyTorch on `x` (top-1 agreement, max |logit diff|)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    model = resnet20(list(meta.mean), list(meta.std), meta.num_classes)
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["model"])
+    model.eval()
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.onnx.export(model, x[:1], str(tmp), input_names=["input"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = sess.run(None, {"input": x.numpy()})[0]
+    check = {"images": len(x), "top1_agreement_pct": 100 * float((ref.argmax(1) == got.argmax(1)).mean()),
+             "max_abs_logit_diff": float(np.abs(ref - got).max())}
+    if check["top1_agreement_pct"] < 99.5:
+        raise RuntimeError(f"float ONNX export disagrees with PyTorch: {check}")
+    tmp.replace(path)
+    return check
+
+
+def yardstick_pytorch_scores(run_dir: Path, meta: Any, x: Any, y: Any, eps: float) -> dict[str, float]:
+    """Clean and PGD-20 (eps/4 steps, random start) of the PyTorch model on the bench's test images."""
+    import torch
+
+    from rcdeploy.train.loop import evaluate
+
+    model = resnet20(list(meta.mean), list(meta.std), meta.num_classes)
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["model"])
+    ev = evaluate(model, x, y, "pgd20", eps, seed=0)
+    return {"clean_acc_pct": ev["clean_acc"], "pgd20_acc_pct": ev["robust_acc"]}
+
+
+# ----------------------------------------------------------------------------------------- rcdeploy rows
+
+
+class EpochLines:
+    """A `rcdeploy.train` reporter: one stderr line per epoch."""
+
+    def __init__(self, row: str, epochs: int, attack: str) -> None:
+        self.row, self.epochs, self.attack = row, epochs, attack
+
+    def start_epoch(self, epoch: int, epochs: int, batches: int, skip: int = 0) -> None:
+        if skip:
+            log(f"{self.row}: epoch {epoch + 1} resumed at batch {skip}/{batches}")
+
+    def batch(self, loss: float, images: int) -> None:
+        pass
+
+    def end_epoch(self, m: dict[str, Any]) -> None:
+        epoch_line(self.row, m, self.epochs, self.attack)
+
+
+def finished_run(run_dir: Path, epochs: int) -> bool:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    return len([x for x in lines if x.strip()]) >= epochs and (run_dir / "best.pt").is_file()
+
+
+def train_rcdeploy(name: str, train: dict[str, Any], runs: Path, threads: int) -> Path:
+    """Train (or continue) one rcdeploy row; returns its run folder."""
+    import rcdeploy
+
+    run_dir = runs / name
+    cfg = train["resolved"]
+    reporter = EpochLines(name, cfg["epochs"], cfg["val_attack"])
+    if finished_run(run_dir, cfg["epochs"]):
+        log(f"{name}: training already finished in {run_dir}")
+        return run_dir
+    if (run_dir / "last.pt").is_file():
+        log(f"{name}: resuming {run_dir}")
+        res = rcdeploy.train(resume=run_dir, threads=threads, reporter=reporter)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run that stopped before its first checkpoint
+        res = rcdeploy.train(train["config"], out=str(runs), name=name, threads=threads, reporter=reporter,
+                             **train["overrides"])
+    if res.interrupted:  # Ctrl-C / SIGTERM: rcdeploy saved last.pt at the batch it stopped at
+        log(f"{name}: interrupted, last.pt saved; rerun the same command to continue")
+        raise SystemExit(130)
+    return run_dir
+
+
+def history_of(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    keep = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "train_time_s")
+    return [{k: h.get(k) for k in keep} | {"channel_sparsity": (h.get("sparsity") or {}).get("channel_sparsity")}
+            for h in map(json.loads, filter(str.strip, lines))]
+
+
+# ----------------------------------------------------------------------------------------- worker
+
+
+def prepare_run(out: Path, name: str, train: dict[str, Any]) -> Path:
+    """The row's run folder, emptied when it holds a run of other settings (never resumed into)."""
+    run_dir = out / "runs" / name
+    marker = out / "runs" / f"{name}.train.json"
+    if not marker.is_file() or json.loads(marker.read_text()) != train:
+        if run_dir.exists():
+            log(f"{name}: settings changed, starting the run afresh")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        (out / f"{name}.onnx").unlink(missing_ok=True)
+        (out / f"{name}.json").unlink(missing_ok=True)
+        (out / f"{name}.trained.json").unlink(missing_ok=True)
+    # rcdeploy creates its own run folder (it refuses an existing one); the yardstick writes into its own.
+    (run_dir if name == "yardstick" else run_dir.parent).mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(train, indent=1) + "\n")
+    return run_dir
+
+
+def train_and_export(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Train + export one row (both skipped when `<row>.trained.json` says they are done)."""
+    done = out / f"{name}.trained.json"
+    onnx_path = out / f"{name}.onnx"
+    run_dir = prepare_run(out, name, spec["train"])  # first: it removes a run (and file) of other settings
+    if done.is_file() and onnx_path.is_file():
+        return json.loads(done.read_text())
+    t = time.perf_counter()
+    info: dict[str, Any] = {"file": str(onnx_path), "run_dir": str(run_dir)}
+    if name == "yardstick":
+        s = spec["train"]["yardstick"]
+        res = train_yardstick(s, run_dir)
+        info |= {"history": res["history"], "best": res["best"], "train_wall_s": time.perf_counter() - t}
+        info["export_check"] = export_yardstick(onnx_path, run_dir, res["meta"], res["data"].val.x[:512])
+    else:
+        import rcdeploy
+
+        train_rcdeploy(name, spec["train"], out / "runs", spec["threads"])
+        info["train_wall_s"] = time.perf_counter() - t
+        info["history"] = history_of(run_dir)
+        rcdeploy.export(run_dir / "best.pt", output=onnx_path, **spec["train"]["export"])
+        info |= card_summary(json.loads(onnx_path.with_suffix(".json").read_text()))
+    info["train_time_s"] = sum(float(h.get("train_time_s") or 0.0) for h in info["history"])
+    done.write_text(json.dumps(common._jsonable(info), indent=1) + "\n")
+    log(f"{name}: trained and exported ({info['train_time_s']:.0f} s training)")
+    return info
+
+
+def card_summary(card: dict[str, Any]) -> dict[str, Any]:
+    tm = card.get("training_metrics") or {}
+    return {"best": tm.get("best"), "verification": card.get("verification"), "bits": card.get("bits"),
+            "channels_kept": card.get("channels_kept"), "card_macs": card.get("macs"), "notes": card.get("notes")}
+
+
+def bench_row(name: str, spec: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Score the deployed file: clean, then each attack in its own bench call (a line each, and each resumable
+    from its own chunk cache); worst case = per image over clean and every attack, and the gradient-masking
+    check over all of them, as one bench call with the whole list counts them."""
+    from rcdeploy.deploy.attack_figures import gradient_masking_flags
+
+    b = spec["bench"]
+    t = time.perf_counter()
+    reps = {a: bench_attack(name, spec, path, a) for a in b["attacks"].split(",")}
+    first = next(iter(reps.values()))
+    scores = {"clean": first["clean"]} | {a: r["attacked"] for a, r in reps.items()}
+    worst = [min(v) for v in zip(*scores.values())]
+    n = len(worst)
+    return {"samples": n, "clean_acc_pct": first["clean_acc_pct"],
+            "robust": {a: r["robust_acc_pct"] for a, r in reps.items()},
+            "attack_time_s": {a: r["time_s"] for a, r in reps.items()},
+            "worst_case_acc_pct": 100 * sum(worst) / n,
+            # each call's own flags, and bench's gradient-masking check over all the attacks together
+            "flags": [f for r in reps.values() for f in r["flags"]]
+            + gradient_masking_flags([r["row"] for r in reps.values()], n),
+            "per_image": {"test_index": first["test_index"], "clean": scores["clean"], "pgd20": scores["pgd20"],
+                          "worst": worst},
+            "file_bytes": first["file_bytes"], "macs": first["macs"],
+            "integer_mac_share_pct": first["integer_mac_share_pct"], "bench_s": time.perf_counter() - t}
+
+
+def bench_attack(name: str, spec: dict[str, Any], path: Path, attack: str) -> dict[str, Any]:
+    """One attack on the file (bench_model), with its per-image scores and one progress line."""
+    from rcdeploy.deploy.bench import bench_model
+
+    b = spec["bench"]
+    rep = bench_model(path, attacks=attack, dataset="cifar10", data_dir=common.CIFAR_SLICE, samples=b["samples"],
+                      eps=b["eps"], latency=False, threads=spec["threads"], progress=False)
+    acc = rep["accuracy"]
+    per = acc["per_image"]
+    (row,) = acc["robust"]
+    log(f"{name}: {attack} {row['robust_acc_pct']:.1f}% (clean {acc['clean_acc_pct']:.1f}%) on {acc['samples']} "
+        f"test images, {row['time_s']:.0f} s")
+    keep = ("name", "family", "gradient_source", "robust_acc_pct")
+    return {"clean_acc_pct": acc["clean_acc_pct"], "robust_acc_pct": row["robust_acc_pct"], "time_s": row["time_s"],
+            "row": {k: row[k] for k in keep},
+            "flags": [f"{attack}: {f}" for f in acc["flags"]], "test_index": per["test_index"],
+            "clean": per["correct_draws"][per["order"].index("clean")],
+            "attacked": per["correct_draws"][per["order"].index(row["name"])], "file_bytes": rep["size"]["file_bytes"],
+            "macs": rep["size"]["macs"], "integer_mac_share_pct": rep["size"].get("integer_mac_share_pct")}
+
+
+def load_test_images(index: list[int] | None) -> tuple[Any, Any, Any]:
+    from rcdeploy.data import load_dataset
+
+    data = load_dataset("cifar10", common.CIFAR_SLICE)
+    x, y = data.test.x, data.test.y
+    return (x, y, data.meta) if index is None else (x[index], y[index], data.meta)
+
+
+def worker(spec_path: Path) -> int:
+    """One row in its own process: train, export, bench; writes `<row>.row.json`."""
+    import torch
+
+    warnings.filterwarnings("ignore")
+    spec = json.loads(spec_path.read_text())
+    name, out = spec["row"], spec_path.parent
+    torch.set_num_threads(spec["threads"])
+    try:
+        info = train_and_export(name, spec, out)
+        row = {"row": name, "spec": spec} | info | bench_row(name, spec, Path(info["file"]))
+        if name == "yardstick":
+            x, y, meta = load_test_images(row["per_image"]["test_index"])
+            row["pytorch"] = yardstick_pytorch_scores(Path(info["run_dir"]), meta, x, y,
+                                                      spec["train"]["yardstick"]["eps"])
+    except Exception:
+        traceback.print_exc()
+        return 1
+    (out / f"{name}.row.json").write_text(json.dumps(common._jsonable(row), indent=1) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--attacks", default=None, help=f"attack list or preset (default {ATTACKS}; pgd20 always added)")
+    ap.add_argument("--samples", type=int, default=None, help="test images scored (default: all 932)")
+    ap.add_argument("--train-samples", type=int, default=None, help="cap on training images (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="rows trained at once")
+    ap.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads, shared by the jobs")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 256 training images, 32 test images")
+    ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md and results.json alone")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.train_samples = QUICK["epochs"], QUICK["train_samples"]
+        args.samples = args.samples or QUICK["samples"]
+    args.attacks = args.attacks or (QUICK_ATTACKS if args.quick else ATTACKS)
+    return args
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["python benchmarks/flagship.py"] + (["--quick"] if args.quick else [f"--epochs {args.epochs}"])
+    if args.rows != ",".join(ROWS):
+        parts.append(f"--rows {args.rows}")
+    if args.attacks != (QUICK_ATTACKS if args.quick else ATTACKS):
+        parts.append(f"--attacks {args.attacks}")
+    if args.samples is not None and not args.quick:
+        parts.append(f"--samples {args.samples}")
+    if args.train_samples is not None and not args.quick:
+        parts.append(f"--train-samples {args.train_samples}")
+    return " ".join(parts)
+
+
+def tee(proc: subprocess.Popen, log_path: Path) -> threading.Thread:
+    """Copy a worker's output to its log file and to this process's stderr."""
+    def pump() -> None:
+        with log_path.open("a") as f:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                f.write(line)
+                f.flush()
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    return t
+
+
+def start_worker(name: str, spec: dict[str, Any], out: Path) -> tuple[subprocess.Popen, threading.Thread]:
+    spec_path = out / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+    log(f"{name}: started (log {out / (name + '.log')})")
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc, tee(proc, out / f"{name}.log")
+
+
+def finished(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    p = out / f"{name}.row.json"
+    if not p.is_file():
+        return None
+    r = json.loads(p.read_text())
+    same = r.get("spec", {}).get("train") == spec["train"] and r["spec"].get("bench") == spec["bench"]
+    return r if same else None
+
+
+def run_rows(rows: list[str], specs: dict[str, dict[str, Any]], out: Path, jobs: int,
+             save: Callable[[], None], results: dict[str, Any]) -> list[str]:
+    """Every pending row in a worker process, `jobs` at a time; returns the failed rows."""
+    pending = [n for n in rows if n not in results["rows"]]
+    running: dict[str, tuple[subprocess.Popen, threading.Thread]] = {}
+    failed: list[str] = []
+    try:
+        poll_rows(pending, running, failed, specs, out, jobs, save, results)
+    except KeyboardInterrupt:
+        stop_workers(running)
+        log("interrupted: finished rows, checkpoints and bench chunks are kept; rerun the same command to resume")
+        raise SystemExit(130) from None
+    return failed
+
+
+def stop_workers(running: dict[str, tuple[subprocess.Popen, threading.Thread]]) -> None:
+    """SIGTERM each running worker (rcdeploy saves last.pt at its batch) and wait for it."""
+    for name, (proc, _) in running.items():
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            log(f"{name}: worker {proc.pid} did not stop in 120 s; killing it")
+            proc.kill()
+
+
+def poll_rows(pending: list[str], running: dict[str, tuple[subprocess.Popen, threading.Thread]],
+              failed: list[str], specs: dict[str, dict[str, Any]], out: Path, jobs: int, save: Callable[[], None],
+              results: dict[str, Any]) -> None:
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            name = pending.pop(0)
+            running[name] = start_worker(name, specs[name], out)
+        time.sleep(2)
+        for name, (proc, pump) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            pump.join(timeout=10)
+            del running[name]
+            row = finished(out, name, specs[name])
+            if proc.returncode != 0 or row is None:
+                tail = (out / f"{name}.log").read_text().strip().splitlines()[-3:]
+                results["rows"][name] = {"row": name, "failed": f"exit {proc.returncode}: " + " / ".join(tail)}
+                failed.append(name)
+                log(f"{name}: FAILED (log {out / (name + '.log')})")
+            else:
+                results["rows"][name] = row
+                log(f"{name}: done: clean {row['clean_acc_pct']:.1f}%, PGD-20 {row['robust']['pgd20']:.1f}%, "
+                    f"worst {row['worst_case_acc_pct']:.1f}%")
+            save()
+
+
+def latency(name: str, path: Path) -> dict[str, Any]:
+    """p50 at batch 1 and 64 (bench's cpu target: onnxruntime with its own thread count)."""
+    from rcdeploy.deploy.bench import bench_model
+
+    log(f"{name}: latency")
+    rep = bench_model(path, attacks="none", dataset="cifar10", data_dir=common.CIFAR_SLICE, samples=16,
+                      latency=True, batch_sizes="1,64", latency_seconds=2.0, progress=False)
+    lat = rep.get("latency") or {}
+    return {"p50_ms": {str(b["batch_size"]): b["p50_ms"] for b in lat.get("batches", [])},
+            "threads": lat.get("intra_op_threads"), "errors": rep.get("errors")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        return worker(args.worker)
+    signal.signal(signal.SIGTERM, interrupt)  # a kill stops the workers too (they save and exit), as Ctrl-C does
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        log("interrupted: finished rows, checkpoints and bench chunks are kept; rerun the same command to resume")
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    threads = max(1, args.threads // max(1, args.jobs))
+    out = common.SCRATCH / f"flagship{'-quick' if args.quick else ''}-e{args.epochs}"
+    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out)  # noqa: F841 (held until this process exits)
+    specs = {n: common._jsonable(row_spec(n, args, threads)) for n in rows}
+    results = new_results(args, out)
+    state, t0 = out / "results.json", time.perf_counter() - results.pop("_wall_before")
+
+    def save() -> None:
+        results["wall_s"] = time.perf_counter() - t0
+        state.write_text(json.dumps(common._jsonable(results), indent=1) + "\n")
+        if not args.no_write:
+            common.update_results(KEY, strip_per_image(results))
+            common.write_section(KEY, markdown(results))
+
+    for n in rows:
+        if (row := finished(out, n, specs[n])) is not None:
+            results["rows"][n] = row
+            log(f"{n}: reusing {out / (n + '.row.json')}")
+    failed = run_rows(rows, specs, out, args.jobs, save, results)
+    measure_latencies(rows, results, out, save)
+    save()
+    print(common.text_table(*table(results)))
+    print(verdict(results))
+    if not args.no_write:
+        log(f"wrote {common.MARKDOWN.name} ({KEY} section) and {common.RESULTS.name}")
+    return 1 if failed else 0
+
+
+def lock_folder(out: Path) -> Any:
+    """An exclusive lock on the scratch folder (released when this process exits): two runs of the same
+    settings would train into the same run folders."""
+    import fcntl
+
+    f = (out / ".lock").open("w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: another flagship run is using {out}; wait for it or stop it first") from None
+    return f
+
+
+def measure_latencies(rows: list[str], results: dict[str, Any], out: Path, save: Callable[[], None]) -> None:
+    """Latency of every finished file, after all training and scoring, one file at a time (kept per row)."""
+    for name in rows:
+        row = results["rows"].get(name) or {}
+        if "file" in row and not row.get("latency"):
+            row["latency"] = latency(name, Path(row["file"]))
+            (out / f"{name}.row.json").write_text(json.dumps(common._jsonable(row), indent=1) + "\n")
+            save()
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def new_results(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The run's header; a resumed run keeps its first machine line and the wall time already spent."""
+    results: dict[str, Any] = {"machine": common.machine_info(), "command": command_line(args), "quick": args.quick,
+                               "epochs": args.epochs, "attacks": attack_list(args.attacks), "samples": args.samples,
+                               "jobs": args.jobs, "threads": args.threads, "recipe": RECIPE, "rows": {}}
+    results["settings"] = resolved(base_settings(args))  # the recipe with the run's budget (w4-p50's settings)
+    state = out / "results.json"
+    prev = json.loads(state.read_text()) if state.is_file() else {}
+    same = all(prev.get(k) == results[k] for k in ("epochs", "attacks", "samples"))
+    if same and prev.get("machine"):
+        results["machine"] = prev["machine"]
+    results["_wall_before"] = (prev.get("wall_s") or 0.0) if same else 0.0
+    return results
+
+
+def strip_per_image(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json keeps the figures, not the per-image arrays (they stay in the scratch folder)."""
+    rows = {n: {k: v for k, v in r.items() if k not in ("per_image", "spec", "history")} for n, r in
+            results["rows"].items()}
+    return results | {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def se_points(p_pct: float, n: int) -> float:
+    """Binomial standard error of an accuracy, in points: sqrt(p (1 - p) / n)."""
+    p = p_pct / 100
+    return 100 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def paired_gap(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Mean of a - b over the same images, in points, and its standard error (paired)."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return 100 * mean, 100 * math.sqrt(var / n)
+
+
+def gap(results: dict[str, Any], name: str, key: str) -> tuple[float, float] | None:
+    """(row - yardstick, SE) in points on `key` ('clean', 'pgd20', 'worst'), or None."""
+    ref, row = results["rows"].get("yardstick") or {}, results["rows"].get(name) or {}
+    if "per_image" not in ref or "per_image" not in row:
+        return None
+    if ref["per_image"]["test_index"] != row["per_image"]["test_index"]:
+        return None
+    return paired_gap(row["per_image"][key], ref["per_image"][key])
+
+
+def _acc(v: Any, n: int) -> str:
+    return f"{v:.1f} ± {se_points(v, n):.1f}" if isinstance(v, (int, float)) else "-"
+
+
+def _gap(g: tuple[float, float] | None) -> str:
+    return f"{g[0]:+.1f} ± {g[1]:.1f}" if g else "-"
+
+
+def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["row", "clean %", "PGD-20 %", "worst %", "Δ clean", "Δ PGD-20", "file B", "MMACs", "p50 ms b1",
+               "p50 ms b64", "train s"]
+    out = []
+    for name, r in results["rows"].items():
+        if "failed" in r:
+            out.append([TITLES.get(name, name), "FAILED"] + ["-"] * (len(headers) - 2))
+            continue
+        n, lat = r["samples"], (r.get("latency") or {}).get("p50_ms") or {}
+        ref = name == "yardstick"
+        out.append([TITLES.get(name, name), _acc(r["clean_acc_pct"], n), _acc(r["robust"].get("pgd20"), n),
+                    _acc(r["worst_case_acc_pct"], n), "ref." if ref else _gap(gap(results, name, "clean")),
+                    "ref." if ref else _gap(gap(results, name, "pgd20")), f"{r['file_bytes']:,}",
+                    f"{r['macs'] / 1e6:.1f}" if isinstance(r.get("macs"), (int, float)) else "-",
+                    f"{lat['1']:.2f}" if "1" in lat else "-", f"{lat['64']:.1f}" if "64" in lat else "-",
+                    f"{r['train_time_s']:.0f}"])
+    return headers, out
+
+
+def verdict(results: dict[str, Any]) -> str:
+    """Item 2 of the issue, from the measured figures."""
+    c, p = gap(results, "w4-p50", "clean"), gap(results, "w4-p50", "pgd20")
+    if c is None or p is None:
+        return "Goal (4-bit, 50%-channel file within 3 points of the yardstick on clean and PGD-20): not measured " \
+               "(needs both the yardstick and w4-p50 rows)."
+    met = c[0] >= -GOAL_POINTS and p[0] >= -GOAL_POINTS
+    ref, row = results["rows"]["yardstick"], results["rows"]["w4-p50"]
+    return (f"Goal (the 4-bit, 50%-channel deployed file within {GOAL_POINTS:g} points of the same-run float "
+            f"yardstick on clean AND PGD-20): **{'met' if met else 'not met'}**: clean "
+            f"{row['clean_acc_pct']:.1f}% vs {ref['clean_acc_pct']:.1f}% ({c[0]:+.1f} ± {c[1]:.1f} points), PGD-20 "
+            f"{row['robust']['pgd20']:.1f}% vs {ref['robust']['pgd20']:.1f}% ({p[0]:+.1f} ± {p[1]:.1f} points), on "
+            f"{row['samples']} test images.")
+
+
+INTRO = """
+Every row trained from scratch in this run at the same budget: {epochs} epoch(s) on {train} training images of
+the slice ({val_pct:g}% of its training split held out, seeded and stratified, for choosing the checkpoint: the
+epoch with the best ({val_attack}, clean) validation accuracy on {val_n} of them), batch {batch}, FGSM-RS at eps
+{eps} (uniform start, one step of 1.25 eps), SGD momentum {momentum:g} Nesterov, weight decay {wd:g}, one-cycle
+learning rate with peak {lr:g} (torch's OneCycleLR defaults: pct_start {pct:g}, cosine, div {div:g}, final div
+{final:g}; momentum not cycled; rcdeploy `--schedule onecycle` is the same curve step for step). yardstick: a
+standard CIFAR ResNet-20 (16/32/64 channels, 1x1-conv shortcuts) in plain torch.nn trained by the script's own loop
+(weight decay on every parameter, as plain PyTorch does; rcdeploy exempts BatchNorm and biases), exported to a
+float ONNX file. rcdeploy rows: recipe `{recipe}` ({bits}-bit weights, first conv and classifier {fl}-bit,
+{act}-bit activations, {sparsity} `--prune-channels {prune:g}`, mask fixed for the last {ft:g}% of the epochs);
+`float` trains float weights (`--bits float`, first/last {fl}-bit) and is deployed as the int8 file (weights
+post-training quantized at export: rcdeploy's integer ONNX has no float layers); `w4` is the recipe with
+`--prune-channels 0`; `w4-p50` the recipe as it is, exported with `prune_channels=True`.
+|
+Scored by `rcdeploy.deploy.bench.bench_model` on each deployed file (onnxruntime) on {samples} test images at eps
+{eps}: clean, {attacks}; worst = per image over clean and every attack. ± is the binomial standard error
+sqrt(p(1-p)/n); Δ is the row minus the yardstick in points on the same images, ± the paired standard error of the
+per-image differences. MMACs from onnxruntime's optimized graph; p50 latency of bench's `cpu` target (onnxruntime,
+{lat_threads} threads) at batch 1 and 64, measured after all training, one file at a time (shared machine: scale
+only). train s: training seconds summed over epochs ({jobs} row(s) at a time, {threads} thread(s) each), without
+the per-epoch validation.
+"""
+
+
+def intro_text(results: dict[str, Any], samples: int) -> str:
+    """INTRO formatted from the run's own settings."""
+    from rcdeploy.train.loop import ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_PCT_START
+
+    s = results["settings"]
+    val_n = "all" if s["val_samples"] is None else f"up to {s['val_samples']}"
+    lat_threads = next((r["latency"].get("threads") for r in results["rows"].values() if r.get("latency")),
+                       "its default")
+    return INTRO.format(
+        epochs=results["epochs"], train=s.get("train_samples") or "all the remaining", val_pct=100 * s["val_fraction"],
+        val_attack=s["val_attack"], val_n=val_n, batch=s["batch_size"], eps=f"{round(s['eps'] * 255)}/255",
+        momentum=s["momentum"], wd=s["weight_decay"], lr=s["lr"], pct=ONECYCLE_PCT_START, div=ONECYCLE_DIV,
+        final=ONECYCLE_FINAL_DIV, recipe=results["recipe"], bits=s["bits"], fl=s["first_last_bits"],
+        act=s["act_bits"], sparsity=s["sparsity"], prune=s["prune_channels"], ft=100 * s["finetune_fraction"],
+        samples=samples, attacks=", ".join(results["attacks"].split(",")), lat_threads=lat_threads,
+        jobs=results["jobs"], threads=max(1, results["threads"] // max(1, results["jobs"])))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    first = next((r for r in results["rows"].values() if "samples" in r), None)
+    samples = first["samples"] if first else (results["samples"] or 932)
+    lines = ["## Flagship: a 4-bit, 50%-channel ResNet-20 file vs a PyTorch float yardstick (CIFAR-10 slice)", "",
+             f"Machine: {common.machine_line(results['machine'])}. `{results['command']}`"
+             f"{' (smoke run, not for quoting)' if results['quick'] else ''}; wall "
+             f"{results.get('wall_s', 0) / 60:.0f} min.", ""]
+    lines += [" ".join(p.split()) + "\n" for p in intro_text(results, samples).strip().split("\n|\n")]
+    lines += [common.markdown_table(*table(results)), verdict(results), ""]
+    return "\n".join(lines + row_notes(results)) + "\n"
+
+
+def row_notes(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for name, r in results["rows"].items():
+        if "failed" in r:
+            notes.append(f"- {TITLES.get(name, name)}: failed: {r['failed']}")
+            continue
+        best = r.get("best") or {}
+        extra = [f"best epoch {best.get('epoch')} (validation clean {best.get('val_clean_acc', float('nan')):.1f}%, "
+                 f"robust {best.get('val_robust_acc', float('nan')):.1f}%)",
+                 "attacks: " + ", ".join(f"{k} {v:.1f}%" for k, v in r["robust"].items()),
+                 f"bench {r['bench_s'] / 60:.1f} min"]
+        if name == "yardstick":
+            pt, chk = r.get("pytorch") or {}, r.get("export_check") or {}
+            extra.append(f"in PyTorch on the same images: clean {pt.get('clean_acc_pct', float('nan')):.1f}%, "
+                         f"PGD-20 {pt.get('pgd20_acc_pct', float('nan')):.1f}%; float ONNX vs PyTorch on "
+                         f"{chk.get('images')} validation images: top-1 agreement "
+                         f"{chk.get('top1_agreement_pct', float('nan')):.1f}%, max |logit diff| "
+                         f"{chk.get('max_abs_logit_diff', float('nan')):.2g}")
+        kept = r.get("channels_kept")
+        if isinstance(kept, dict) and name == "w4-p50":
+            extra.append(f"output channels kept in the file {sum(kept.values())}")
+        extra += [f"flag: {f}" for f in r.get("flags") or []]
+        notes.append(f"- {TITLES.get(name, name)}: " + "; ".join(extra) + ".")
+    missing = [n for n in ROWS if n not in results["rows"]]
+    if missing:
+        notes.append(f"- not run: {', '.join(missing)}.")
+    return notes
+
+
+if __name__ == "__main__":
+    sys.exit(main())
