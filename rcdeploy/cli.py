@@ -177,7 +177,12 @@ def _opt(*decls: str, setting: str | None = None, **kw: Any):
 @_opt("--steps", type=click.IntRange(1, 10_000), help="Attack steps during training (pgd, trades).")
 @_opt("--step-size", help="Attack step size, e.g. 2/255 (none: 2.5*eps/steps).")
 @_opt("--beta", type=float, help="TRADES trade-off weight.")
-@_opt("--alpha", type=float, help="mixed: weight of the adversarial term, (1 - alpha) CE(x) + alpha CE(x_adv).")
+@_opt("--alpha", type=float, help="mixed: weight of the adversarial term, (1 - alpha) CE(x) + alpha CE(x_adv); "
+      "ard: weight of the distillation term.")
+@_opt("--teacher", help="ard: the teacher to distill, an rcdeploy checkpoint (best.pt, last.pt or its run folder) "
+      "on the same dataset; never trained or saved with the student, its path and sha256 go into the run's config.")
+@_opt("--distill-temperature", type=float, help="ard: temperature T of alpha T^2 KL(teacher^T(x) || "
+      "student^T(x_adv)) + (1 - alpha) CE(student(x), y).")
 @_opt("--quant", "quant_method", setting="quant_method", help=f"Weight quantization training: {N.listing(N.QUANT_METHODS.names())}.")
 @_opt("--br-lambda", type=float, help="Binary-Relax: initial lambda of (w + lambda Q(w)) / (1 + lambda).")
 @_opt("--br-growth", type=float, help="Binary-Relax: lambda multiplier per epoch.")

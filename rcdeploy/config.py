@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,12 +49,16 @@ class TrainConfig:
     br_exact_fraction: float = 0.2       # binary-relax: last share of epochs on exact Q(w) (at least one epoch)
     br_exact_lr: float = 0.1             # binary-relax: learning-rate factor in the exact phase
     # adversarial objective
-    adv: str = "pgd"                     # rcdeploy.names.OBJECTIVES: none | fgsm-rs | pgd | trades | mixed
+    adv: str = "pgd"                     # rcdeploy.names.OBJECTIVES: none | fgsm-rs | pgd | trades | mixed | ard
     eps: float | str | None = None       # L-inf, image units in [0, 1]; None: the dataset's literature default
     steps: int = 5                       # attack steps for pgd / trades during training
     step_size: float | str | None = None  # None: 2.5 * eps / steps (Madry et al.)
     beta: float = 6.0                    # TRADES trade-off
-    alpha: float = 0.5                   # mixed: (1 - alpha) CE(clean) + alpha CE(adversarial)
+    alpha: float = 0.5                   # mixed: (1 - alpha) CE(clean) + alpha CE(adversarial); ard: weight of
+                                         # the distillation term (the ARD reference code's default is 1)
+    teacher: str | None = None           # ard: the teacher's checkpoint (file or run folder; stored resolved)
+    teacher_sha256: str | None = None    # ard: the teacher file's hash, set when the run starts, checked on resume
+    distill_temperature: float = 30.0    # ard: temperature T of the distillation KL (the ARD reference code's)
     # optimisation
     epochs: int = 15
     batch_size: int = 128
@@ -128,6 +133,21 @@ class TrainConfig:
             raise UsageError(f"--name {self.name!r}: a run name is one folder name (no '/', not starting with "
                              "'.', not 'latest')")
         return self
+
+
+DISTILL_OBJECTIVE = "ard"  # the objective that takes --teacher
+
+
+def check_distillation(cfg: TrainConfig) -> None:
+    """--adv ard and --teacher come together; a pinned teacher hash is a sha256 (the file is read at fit time)."""
+    if cfg.adv == DISTILL_OBJECTIVE and not cfg.teacher:
+        raise UsageError("--adv ard distills a teacher: pass --teacher PATH (an rcdeploy checkpoint such as "
+                         "runs/dense/best.pt, or its run folder)")
+    if cfg.teacher is not None and cfg.adv != DISTILL_OBJECTIVE:
+        raise UsageError(f"--teacher is the teacher of --adv ard; --adv {cfg.adv} takes none (pass --adv ard, or "
+                         "drop --teacher)")
+    if cfg.teacher_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", cfg.teacher_sha256):
+        raise UsageError(f"teacher_sha256 {cfg.teacher_sha256!r}: expected 64 lowercase hex digits (a sha256)")
 
 
 def parse_ratio(value: Any) -> float:
@@ -213,6 +233,9 @@ FIELD_RANGES: dict[str, V.Check] = {
     "step_size": V.optional(_fraction_or_number),
     "beta": V.number(0, 1e6),
     "alpha": V.number(0, 1),
+    "teacher": V.optional(V.text(max_len=4096)),
+    "teacher_sha256": V.optional(V.text(max_len=64)),
+    "distill_temperature": V.number(0, 1e4, lo_open=True),
     "epochs": V.integer(1, 100_000),
     "batch_size": V.integer(1, 1 << 20),
     "train_samples": V.optional(V.integer(1)),

@@ -21,6 +21,8 @@ OBJECTIVES.declare("pgd", "rcdeploy.train.objectives:pgd", help="Madry et al.: P
 OBJECTIVES.declare("trades", "rcdeploy.train.objectives:trades", help="TRADES: CE + beta * KL(clean || adversarial)")
 OBJECTIVES.declare("mixed", "rcdeploy.train.objectives:mixed",
                    help="(1 - alpha) CE(clean) + alpha CE(PGD adversarial)")
+OBJECTIVES.declare("ard", "rcdeploy.train.objectives:ard",
+                   help="robust distillation from --teacher: alpha T^2 KL(teacher || student(x_adv)) + (1 - alpha) CE")
 
 # Sparsity methods (rcdeploy.train.sparsity, rcdeploy.train.unstructured): `--sparsity`. Kind "channels"
 # removes whole channels (`--prune-channels`, `export --prune-channels`); "weights" zeroes single weights.

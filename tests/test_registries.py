@@ -3,6 +3,7 @@ recipe checks read them without importing any implementation, and every declared
 
 from __future__ import annotations
 
+import copy
 import importlib
 import subprocess
 import sys
@@ -135,7 +136,10 @@ def test_every_objective_trains_a_step(name, tiny):
     model, x, y = tiny
     model.train()
     model.zero_grad()
-    loss, logits = N.OBJECTIVES.get(name)(model, x, y, AdvSettings(0.1, 2, 0.05, 6.0), torch.Generator())
+    # distillation needs a teacher: a frozen copy of the student stands in (the loss still has the CE term)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if name == "ard" else None
+    settings = AdvSettings(0.1, 2, 0.05, 6.0, teacher=teacher)
+    loss, logits = N.OBJECTIVES.get(name)(model, x, y, settings, torch.Generator())
     loss.backward()
     assert torch.isfinite(loss) and logits.shape == (16, 10)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -20,7 +20,14 @@ from torch import nn
 
 import rcdeploy
 from rcdeploy.attacks import parse_attacks
-from rcdeploy.config import AUTO_BITS, TrainConfig, check_scale_out, dump_yaml, resume_config
+from rcdeploy.config import (
+    AUTO_BITS,
+    TrainConfig,
+    check_distillation,
+    check_scale_out,
+    dump_yaml,
+    resume_config,
+)
 from rcdeploy.data import Dataset, Split, augment, iterate_batches, load_dataset
 from rcdeploy.distributed import World, env_rank, local_device, unwrap
 from rcdeploy.errors import UsageError
@@ -38,7 +45,7 @@ from rcdeploy.train.checkpoint import (
     load_weights,
     model_spec,
 )
-from rcdeploy.train.objectives import OBJECTIVES, AdvSettings
+from rcdeploy.train.objectives import OBJECTIVES, AdvSettings, load_teacher
 from rcdeploy.train.rundir import check_new_run, locked, new_run, point_latest, run_name
 from rcdeploy.train.scaleout import (
     BatchNormAverager,
@@ -125,10 +132,11 @@ def onecycle_lr(peak: float, progress: float, epochs: int, steps_per_epoch: int 
     return hi + (lo - hi) / 2.0 * (math.cos(math.pi * pct) + 1.0)
 
 
-def adv_settings(cfg: TrainConfig, default_eps: float) -> AdvSettings:
+def adv_settings(cfg: TrainConfig, default_eps: float, teacher: nn.Module | None = None) -> AdvSettings:
     eps = float(cfg.eps) if cfg.eps is not None else default_eps
     step = float(cfg.step_size) if cfg.step_size is not None else 2.5 * eps / cfg.steps
-    return AdvSettings(eps=eps, steps=cfg.steps, step_size=step, beta=cfg.beta, alpha=cfg.alpha)
+    return AdvSettings(eps=eps, steps=cfg.steps, step_size=step, beta=cfg.beta, alpha=cfg.alpha,
+                       temperature=cfg.distill_temperature, teacher=teacher)
 
 
 def model_kwargs(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
@@ -371,6 +379,7 @@ def _restarted_run(cfg: TrainConfig | None, main: bool) -> Path | None:
 
 def _check_new(cfg: TrainConfig, main: bool = True) -> None:
     cfg.validate()
+    check_distillation(cfg)  # --adv ard and --teacher come together (the file is read once the data is known)
     validation_attacks(cfg.val_attack, 0.5)  # a bad val_attack fails now, not after the first epoch
     if main:
         check_new_run(cfg)  # before the work: a taken --name or an unwritable --out fails in a second
@@ -438,7 +447,8 @@ def _fit(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None, ch
     continuation of the locked `run_dir`."""
     device, world = _start_runtime(cfg)
     data = _training_data(cfg, device)
-    settings, objective = adv_settings(cfg, data.meta.default_eps), OBJECTIVES[cfg.adv]
+    teacher = load_teacher(cfg, data.meta, device)  # --adv ard: frozen; sets cfg.teacher_sha256 before it is saved
+    settings, objective = adv_settings(cfg, data.meta.default_eps, teacher), OBJECTIVES[cfg.adv]
     batches = batches_per_epoch(len(data.train), cfg.batch_size, cfg.micro_batches)
     allocation = None if ckpt is None else ckpt.get("bit_allocation")
     if ckpt is None and cfg.bits == AUTO_BITS:  # pre-train, measure, choose per-layer bits (train/auto_bits.py)

@@ -10,8 +10,11 @@ through `unwrap(model)`, whose input gradients must not enter DDP's gradient red
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,10 @@ from rcdeploy.distributed import unwrap
 from rcdeploy.errors import UsageError
 from rcdeploy.names import OBJECTIVES
 
+if TYPE_CHECKING:
+    from rcdeploy.config import TrainConfig
+    from rcdeploy.data import DatasetMeta
+
 
 @dataclass(frozen=True)
 class AdvSettings:
@@ -29,10 +36,13 @@ class AdvSettings:
     steps: int
     step_size: float
     beta: float
-    alpha: float = 0.5  # `mixed`: weight of the adversarial term
+    alpha: float = 0.5  # `mixed`: weight of the adversarial term; `ard`: weight of the distillation term
+    temperature: float = 30.0  # `ard`: distillation temperature T (the ARD reference code's default)
+    teacher: nn.Module | None = field(default=None, compare=False, repr=False)  # `ard`: frozen, eval mode
 
 
-__all__ = ["OBJECTIVES", "AdvSettings", "Objective", "fgsm_rs", "mixed", "natural", "pgd", "trades"]
+__all__ = ["OBJECTIVES", "AdvSettings", "Objective", "ard", "ard_examples", "distillation_kl", "fgsm_rs",
+           "load_teacher", "mixed", "natural", "pgd", "trades"]
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, AdvSettings, torch.Generator], tuple]
 
@@ -115,3 +125,111 @@ def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, g
     logits = model(x)
     robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + s.beta * robust, logits
+
+
+# ------------------------------------------------------------------------- ARD: robust distillation
+
+
+def ard_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings,
+                 gen: torch.Generator) -> torch.Tensor:
+    """ARD's inner maximization: PGD-K on the student's own cross-entropy from a uniform start in the eps
+    ball, clamped to [0, 1] (`pgd_examples`, through `unwrap(model)`, in eval mode as every attack here).
+    The reference code (github.com/goldblum/AdversariallyRobustDistillation, main.py `AttackPGD`) crafts
+    x_adv this way, on CE(student(x'), y), not on the distillation KL; it runs the attack in train mode."""
+    return pgd_examples(model, x, y, s, gen)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), summed over classes, averaged over the batch.
+
+    The ARD paper's KL; its reference code's nn.KLDivLoss() also averages over the classes (1/C of this)."""
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean")
+    return t * t * kl
+
+
+@OBJECTIVES.register("ard")
+def ard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen: torch.Generator):
+    """Adversarially robust distillation (Goldblum, Fowl, Feizi, Goldstein, AAAI 2020):
+    alpha T^2 KL(teacher^T(x) || student^T(x_adv)) + (1 - alpha) CE(student(x), y), with x_adv from
+    `ard_examples`, the teacher (`s.teacher`, frozen, eval mode) on the clean batch, the CE on clean inputs
+    without temperature, as the reference code's loss. As `mixed`, a term with weight 0 is not computed
+    (alpha 0 is `none`). Returns the loss and the student's logits on x_adv (clean ones when alpha is 0)."""
+    a = float(s.alpha)
+    if not 0.0 <= a <= 1.0:
+        raise UsageError(f"--alpha {a:g} is outside [0, 1]: it weighs the distillation term of the ARD loss")
+    if s.teacher is None:
+        raise UsageError("--adv ard distills a teacher: pass --teacher PATH")
+    if a == 0.0:
+        return natural(model, x, y, s, gen)
+    x_adv = ard_examples(model, x, y, s, gen)
+    with torch.no_grad():
+        teacher_logits = s.teacher(x)
+    adv_logits = model(x_adv)
+    loss = a * distillation_kl(adv_logits, teacher_logits, s.temperature)
+    if a < 1.0:
+        loss = loss + (1.0 - a) * F.cross_entropy(model(x), y)
+    return loss, adv_logits
+
+
+def teacher_file(given: str | Path) -> Path:
+    """--teacher: a checkpoint file, or a run folder (its best.pt); the absolute path, links resolved (so
+    `runs/latest`, which the student's own run takes over, still names the teacher on resume)."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise UsageError(f"--teacher {given}: the folder holds no best.pt (pass a checkpoint file, e.g. "
+                             f"{path / 'last.pt'})")
+        path = path / "best.pt"
+    return path.resolve()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise UsageError(f"--teacher {path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    return digest.hexdigest()
+
+
+def load_teacher(cfg: TrainConfig, meta: DatasetMeta, device: torch.device) -> nn.Module | None:
+    """The frozen teacher of `--adv ard` (None without --teacher), loaded once per process with the checkpoint
+    loader: eval mode, no gradients, on `device`; it is never trained and never saved with the student.
+
+    Sets `cfg.teacher` to the resolved file and `cfg.teacher_sha256` to its hash, which the run's config
+    keeps; a hash already there (a resumed run, or pinned in a recipe) must match the file."""
+    if cfg.teacher is None:
+        return None
+    from rcdeploy.train.checkpoint import load_model
+
+    path = teacher_file(cfg.teacher)
+    try:
+        model, raw = load_model(path, map_location=device)
+    except UsageError as e:
+        raise UsageError(f"--teacher: {e}") from None
+    _check_teacher_data(path, raw["dataset"], meta)
+    digest = file_sha256(path)
+    if cfg.teacher_sha256 is not None and cfg.teacher_sha256 != digest:
+        raise UsageError(f"--teacher {path} changed: its sha256 is {digest[:12]}..., the run was set to "
+                         f"{cfg.teacher_sha256[:12]}... (restore that file, or start a new run)")
+    cfg.teacher, cfg.teacher_sha256 = str(path), digest
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _check_teacher_data(path: Path, teacher: dict, meta: DatasetMeta) -> None:
+    """The teacher must take this dataset's inputs and score its classes."""
+    shape = tuple(int(v) for v in teacher["shape"])
+    if int(teacher["num_classes"]) != meta.num_classes or shape != tuple(meta.shape):
+        raise UsageError(f"--teacher {path} was trained on {_data(teacher['name'], teacher['num_classes'], shape)}; "
+                         f"this run's dataset is {_data(meta.name, meta.num_classes, tuple(meta.shape))}: the "
+                         "teacher must take the same inputs and classes")
+
+
+def _data(name: str, classes: int, shape: tuple[int, ...]) -> str:
+    return f"{name} ({classes} classes, inputs {'x'.join(map(str, shape))})"
