@@ -375,9 +375,26 @@ def test_two_trainings_on_one_run_folder_the_second_refuses(tmp_path: Path, caps
     assert load_checkpoint(run / "last.pt")["config"]["epochs"] == 50  # the first run's, untouched
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (Linux: the SigCgt mask in /proc/PID/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
 def test_sigterm_during_startup_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
     proc = subprocess_cli(["train", *TRAIN, "--epochs", "1", "--out", "runs", "--name", "early"], tmp_path)
-    time.sleep(0.3)  # inside the heavy imports (torch, brevitas) on any machine: long before the training loop
+    # The CLI installs its handler before the heavy imports (torch, brevitas: seconds); a fixed sleep could fire
+    # before the interpreter got there on a loaded machine (killed by the default action, -15), so wait for it.
+    deadline = time.monotonic() + 60
+    while not _catches(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    assert not (tmp_path / "runs" / "early").exists()  # still starting up
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
