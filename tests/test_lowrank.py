@@ -249,6 +249,20 @@ def test_cstar_end_to_end_on_digits(tmp_path, capsys):
     assert 0 <= json.loads((tmp_path / "b.json").read_text())["accuracy"]["clean_acc_pct"] <= 100
 
 
+def same_run(whole, resumed, tmp_path) -> tuple[dict, dict]:
+    """The resumed run (folder b) ended exactly where the whole run (folder a) did: the same metrics (but
+    speed) and bit-identical weights. Returns both last.pt checkpoints."""
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in metrics]
+
+    assert strip(resumed.metrics) == strip(whole.metrics)
+    a = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    return a, b
+
+
 def test_resume_across_the_admm_phase_and_the_swap_is_exact(tmp_path):
     base = {**BASE, "width": 0.25, "adv": "none", "epochs": 4, "train_samples": 192, "val_samples": 32,
             "rank_admm_at": 0.0, "rank_swap_at": 0.75, "low_rank": 3}
@@ -257,15 +271,9 @@ def test_resume_across_the_admm_phase_and_the_swap_is_exact(tmp_path):
     assert stopped.interrupted
     stopped = fit(None, resume=tmp_path / "b" / "r", stop_at=(2, 2))  # the epoch that ends with the swap
     assert stopped.interrupted
-    resumed = fit(None, resume=tmp_path / "b" / "r")
-    strip = [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in whole.metrics]
-    assert [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in resumed.metrics] == strip
-    a = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=True)
+    a, b = same_run(whole, fit(None, resume=tmp_path / "b" / "r"), tmp_path)
     assert a["model"]["kwargs"]["low_rank"] == b["model"]["kwargs"]["low_rank"]
     assert any(k.endswith(".last.weight") for k in a["state_dict"])
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
 
 
 def test_resume_after_the_swap_with_channel_sparsity_is_exact(tmp_path):
@@ -276,15 +284,9 @@ def test_resume_after_the_swap_with_channel_sparsity_is_exact(tmp_path):
     whole = fit(make_config(None, {**base, "out": str(tmp_path / "a"), "name": "r"}))
     stopped = fit(make_config(None, {**base, "out": str(tmp_path / "b"), "name": "r"}), stop_at=(3, 1))
     assert stopped.interrupted
-    resumed = fit(None, resume=tmp_path / "b" / "r")
-    strip = [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in whole.metrics]
-    assert [{k: v for k, v in m.items() if k not in ("img_per_s", "train_time_s")} for m in resumed.metrics] == strip
-    a = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=True)
+    a, b = same_run(whole, fit(None, resume=tmp_path / "b" / "r"), tmp_path)
     assert any(k.endswith(".core.weight") for k in a["state_dict"])
     assert a["sparsity_state"]["group_sizes"] == b["sparsity_state"]["group_sizes"]
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
 
 
 @pytest.mark.parametrize("args, needle", [
