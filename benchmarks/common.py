@@ -329,6 +329,39 @@ def profile_model(model: bytes, x: np.ndarray, *, threads: int, spin: bool = Tru
 # ----------------------------------------------------------------------------------------- tables
 
 
+def profile_groups(p: Mapping[str, Any], group_of: Callable[[Mapping[str, Any]], str], *,
+                   other: Callable[[str], str] = str, total: str = "total") -> dict[str, dict[str, float]]:
+    """One `profile_model` result summarized: seconds, MACs per image and node count per conv/GEMM group
+    (`group_of(node info)`; each also with the min/max reduction length k of its nodes), per non-conv op type
+    (named `other(op)`: an op's kernel time less its conv/GEMM nodes'), and in `total`."""
+    groups: dict[str, dict[str, float]] = {}
+    conv_s: Counter[str] = Counter()
+    conv_n: Counter[str] = Counter()
+    for info in p["conv_gemm_nodes"].values():
+        g = groups.setdefault(group_of(info), {"s": 0.0, "macs": 0.0, "nodes": 0, "k_min": info["k"],
+                                               "k_max": info["k"]})
+        g["k_min"], g["k_max"] = min(g["k_min"], info["k"]), max(g["k_max"], info["k"])
+        g["s"] += info.get("s", 0.0)
+        g["macs"] += info["macs"]
+        g["nodes"] += 1
+        conv_s[info["op"]] += info.get("s", 0.0)
+        conv_n[info["op"]] += 1
+    for op, share in p["time_share_by_op"].items():
+        rest = share * p["kernel_time_s"] - conv_s[op]
+        if rest > 1e-9:
+            groups[other(op)] = {"s": rest, "macs": 0.0, "nodes": max(0, p["ops"].get(op, 0) - conv_n[op])}
+    groups[total] = {"s": p["kernel_time_s"], "macs": float(p["macs_per_image"]), "nodes": p["kernel_nodes"]}
+    return groups
+
+
+def median_groups(runs: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per group of `profile_groups`, the median over repeated profiles (a repeat hit by load does not skew it)."""
+    names = {g for r in runs for g in r}
+    keys = ("s", "macs", "nodes", "k_min", "k_max")
+    return {g: {k: statistics.median(r[g][k] for r in runs if g in r and k in r[g]) for k in keys
+                if any(g in r and k in r[g] for r in runs)} for g in names}
+
+
 def fmt_ms(seconds: float) -> str:
     ms = 1000 * seconds
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"

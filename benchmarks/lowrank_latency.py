@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,32 +180,8 @@ def group_of(out_channels: int | None, op: str) -> str:
 
 def summarize_profile(p: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Seconds, MACs per image and node count per conv group and per non-conv op type, for one profile."""
-    groups: dict[str, dict[str, float]] = {}
-    conv_s: dict[str, float] = {}
-    for info in p["conv_gemm_nodes"].values():
-        g = groups.setdefault(group_of(info.get("out_channels"), info["op"]),
-                              {"s": 0.0, "macs": 0.0, "nodes": 0, "k_min": info["k"], "k_max": info["k"]})
-        g["k_min"], g["k_max"] = min(g["k_min"], info["k"]), max(g["k_max"], info["k"])
-        g["s"] += info.get("s", 0.0)
-        g["macs"] += info["macs"]
-        g["nodes"] += 1
-        conv_s[info["op"]] = conv_s.get(info["op"], 0.0) + info.get("s", 0.0)
-    conv_n = Counter(info["op"] for info in p["conv_gemm_nodes"].values())
-    for op, share in p["time_share_by_op"].items():
-        rest = share * p["kernel_time_s"] - conv_s.get(op, 0.0)  # an op's nodes that are not conv/GEMM
-        if rest > 1e-9:
-            groups[op] = {"s": rest, "macs": 0.0, "nodes": max(0, p["ops"].get(op, 0) - conv_n[op])}
-    groups["total (kernel time)"] = {"s": p["kernel_time_s"], "macs": float(p["macs_per_image"]),
-                                     "nodes": p["kernel_nodes"]}
-    return groups
-
-
-def median_groups(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Per group, the median over the repeated profiles (a repeat hit by load does not skew it)."""
-    names = {g for r in runs for g in r}
-    keys = ("s", "macs", "nodes", "k_min", "k_max")
-    return {g: {k: statistics.median(r[g][k] for r in runs if g in r and k in r[g]) for k in keys
-                if any(g in r and k in r[g] for r in runs)} for g in names}
+    return common.profile_groups(p, lambda info: group_of(info.get("out_channels"), info["op"]),
+                                 total="total (kernel time)")
 
 
 def profile(built: Built, repeats: int, runs: int) -> dict[str, Any]:
@@ -218,7 +192,7 @@ def profile(built: Built, repeats: int, runs: int) -> dict[str, Any]:
             p = common.profile_model(built.models[k].SerializeToString(), x, threads=1, runs=runs)
             raw[k].append(summarize_profile(p))
     return {"batch": PROFILE_BATCH, "repeats": repeats, "runs": runs,
-            "groups": {k: median_groups(v) for k, v in raw.items()}}
+            "groups": {k: common.median_groups(v) for k, v in raw.items()}}
 
 
 # ----------------------------------------------------------------------------------------- markdown

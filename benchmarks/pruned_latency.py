@@ -29,7 +29,6 @@ Writes the `pruned-latency` section of BENCHMARKS.md and benchmarks/results.json
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -256,27 +255,7 @@ def group_of(info: dict[str, Any]) -> str:
 
 def summarize_profile(p: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Seconds, MACs per image and node count per conv group, per non-conv op type, and in total."""
-    groups: dict[str, dict[str, float]] = {}
-    conv_s: dict[str, float] = {}
-    conv_n: dict[str, int] = {}
-    for info in p["conv_gemm_nodes"].values():
-        g = groups.setdefault(group_of(info), {"s": 0.0, "macs": 0.0, "nodes": 0})
-        g["s"] += info.get("s", 0.0)
-        g["macs"] += info["macs"]
-        g["nodes"] += 1
-        conv_s[info["op"]] = conv_s.get(info["op"], 0.0) + info.get("s", 0.0)
-        conv_n[info["op"]] = conv_n.get(info["op"], 0) + 1
-    for op, share in p["time_share_by_op"].items():
-        rest = share * p["kernel_time_s"] - conv_s.get(op, 0.0)
-        if rest > 1e-9:
-            groups[f"non-conv: {op}"] = {"s": rest, "macs": 0.0, "nodes": max(0, p["ops"].get(op, 0) - conv_n.get(op, 0))}
-    groups["total"] = {"s": p["kernel_time_s"], "macs": float(p["macs_per_image"]), "nodes": p["kernel_nodes"]}
-    return groups
-
-
-def median_groups(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    names = {g for r in runs for g in r}
-    return {g: {k: statistics.median(r[g][k] for r in runs if g in r) for k in ("s", "macs", "nodes")} for g in names}
+    return common.profile_groups(p, group_of, other=lambda op: f"non-conv: {op}")
 
 
 def profile(variants: list[Variant], repeats: int, runs: int) -> dict[str, Any]:
@@ -287,7 +266,7 @@ def profile(variants: list[Variant], repeats: int, runs: int) -> dict[str, Any]:
         for v in variants:
             raw[v.label].append(summarize_profile(common.profile_model(v.data, x, threads=1, runs=runs)))
     return {"batch": PROFILE_BATCH, "threads": 1, "repeats": repeats, "runs": runs,
-            "groups": {k: median_groups(r) for k, r in raw.items()}}
+            "groups": {k: common.median_groups(r) for k, r in raw.items()}}
 
 
 def to_profile(variants: list[Variant], timing: dict[str, Any]) -> list[Variant]:
