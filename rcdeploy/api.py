@@ -49,7 +49,8 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
 
 def export(checkpoint: str | Path = "runs/latest/best.pt", **settings: Any) -> ExportResult:
     """Export a checkpoint (the `rcdeploy export` options as keyword arguments: bits, prune_channels,
-    formats, output, storage, verify_samples, data_dir, noise, runtime); nothing is written unless verified."""
+    channel_multiple, formats, output, storage, verify_samples, data_dir, noise, runtime); nothing is written
+    unless verified."""
     from rcdeploy.export.api import export_model
 
     return export_model(checkpoint, **settings)

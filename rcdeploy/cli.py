@@ -280,6 +280,10 @@ Examples:
               show_default="the trained bits")
 @click.option("--prune-channels", is_flag=True, show_default="off",
               help="Physically remove the channels training zeroed.")
+@click.option("--channel-multiple", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="With --prune-channels: keep a multiple of N channels per group (zero channels round it up). "
+              "16 makes narrow models faster in onnxruntime (its fast int8 conv needs >= 16 output channels) at "
+              "some bytes; 1 keeps the fewest.")
 @click.option("--format", "formats", default="qdq", show_default=True,
               help=f"Comma list of {', '.join(N.EXPORT_FORMATS.names())}, or all.")
 @click.option("--storage", type=click.Choice(N.STORAGES.names()), show_default="packed for onnxruntime, int8 for "
@@ -299,14 +303,16 @@ Examples:
               "bench --eot N).")
 @click.option("--json", "json_path", show_default="not written",
               help="Write the export summary as JSON to FILE ('-' for stdout).")
-def export(checkpoint: str, bits: str | None, prune_channels: bool, formats: str, storage: str | None, output: str,
-           data_dir: str | None, verify_samples: int, no_noise: bool, json_path: str | None, runtime: str) -> None:
+def export(checkpoint: str, bits: str | None, prune_channels: bool, channel_multiple: int, formats: str,
+           storage: str | None, output: str, data_dir: str | None, verify_samples: int, no_noise: bool,
+           json_path: str | None, runtime: str) -> None:
     """Verified integer ONNX (+ QONNX, .ort, model.json sidecar) from a training checkpoint."""
     from rcdeploy.api import export as export_run
     from rcdeploy.export.api import render_summary
 
     _check_out(json_path, "--json")
-    summary = export_run(checkpoint, bits=bits, prune_channels=prune_channels, formats=formats, output=output,
+    summary = export_run(checkpoint, bits=bits, prune_channels=prune_channels, channel_multiple=channel_multiple,
+                         formats=formats, output=output,
                          storage=storage, verify_samples=verify_samples, data_dir=data_dir, noise=not no_noise,
                          runtime=runtime).summary
     render_summary(summary, _console(stderr=json_path == "-"))

@@ -299,6 +299,15 @@ def test_prune_channels_shrinks_file_and_stays_integer(digits, tmp_path) -> None
     assert faithful(summary["verification"])
     assert summary["kernels"]["integer_mac_share"] == 1.0 and summary["kernels"]["float_conv_nodes"] == 0
 
+    # --channel-multiple 16: every group keeps a multiple of 16 channels (zero ones round it up), still exact
+    summary = export_checkpoint(ckpt, prune_channels=True, channel_multiple=16, output=tmp_path / "x16.onnx")
+    kept = json.loads((tmp_path / "x16.json").read_text())["channels_kept"]
+    assert kept["features.0.0"] == 16 and kept["features.1.0"] == 32  # already multiples: unchanged
+    assert summary["pruning"]["channel_multiple"] == 16 and faithful(summary["verification"])
+    with pytest.raises(UsageError, match="pass --prune-channels too"):
+        export_checkpoint(ckpt, channel_multiple=16, output=tmp_path / "no.onnx")
+    assert not (tmp_path / "no.onnx").exists()
+
 
 def test_failed_verification_writes_nothing(ckpts, tmp_path, monkeypatch) -> None:
     import rcdeploy.export.qdq as qdq
@@ -404,6 +413,12 @@ def test_resnet20_prune_channels_including_residual_coupled(bits, digits, tmp_pa
     summary = export_checkpoint(ckpt, prune_channels=True, output=small)
     kept = json.loads((tmp_path / "small.json").read_text())["channels_kept"]
     assert kept["blocks.0.conv1.0"] == 4 and kept["blocks.0.conv2.0"] == 7 and kept["stem.1.0"] == 7
+    if bits == 4:  # rounded up to multiples of 8 at export: zero channels come back, the file stays exact
+        x8 = export_checkpoint(ckpt, prune_channels=True, channel_multiple=8, output=tmp_path / "x8.onnx")
+        kept8 = json.loads((tmp_path / "x8.json").read_text())["channels_kept"]
+        assert kept8["blocks.0.conv1.0"] == 8 and kept8["blocks.0.conv2.0"] == 8 and kept8["stem.1.0"] == 8
+        assert faithful(x8["verification"])
+        assert summary["pruning"]["totals"]["macs_after"] < x8["pruning"]["totals"]["macs_after"]
     totals = summary["pruning"]["totals"]
     assert totals["macs_after"] < 0.8 * totals["macs_before"]
     assert small.stat().st_size < full.stat().st_size

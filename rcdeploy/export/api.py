@@ -132,12 +132,13 @@ def _noise_card(kept: dict[str, float], removed: list[str], coeffs: dict[str, fl
             else "deterministic: exported with --no-noise"}
 
 
-def _shrink(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
+def _shrink(model: nn.Module, input_shape: tuple[int, ...], channel_multiple: int = 1
+            ) -> tuple[nn.Module, dict[str, Any]]:
     try:
         from rcdeploy.export.shrink import shrink_model
     except ImportError as e:
         raise UsageError(f"--prune-channels is not available in this installation ({e})") from None
-    small, report = shrink_model(model, input_shape=input_shape)
+    small, report = shrink_model(model, input_shape=input_shape, channel_multiple=channel_multiple)
     return small.eval(), (report.to_dict() if hasattr(report, "to_dict") else dict(report))
 
 
@@ -173,6 +174,7 @@ class ExportJob:
     paths: dict[str, Path]
     bits: int | str | None
     prune_channels: bool
+    channel_multiple: int
     verify_samples: int
     data_dir: str | Path | None
     noise: bool
@@ -206,7 +208,8 @@ class _Built:
 
 
 def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | str | None = None,
-                      prune_channels: bool = False, formats: Sequence[str] | str = ("qdq",),
+                      prune_channels: bool = False, channel_multiple: int = 1,
+                      formats: Sequence[str] | str = ("qdq",),
                       output: str | Path = "model.onnx", storage: str | None = None, verify_samples: int = 512,
                       data_dir: str | Path | None = None, noise: bool = True,
                       runtime: str = "onnxruntime") -> dict[str, Any]:
@@ -214,13 +217,13 @@ def export_checkpoint(checkpoint: str | Path = "runs/latest/best.pt", *, bits: i
 
     The summary of `export_model` (which also returns the typed model card); same settings.
     """
-    return export_model(checkpoint, bits=bits, prune_channels=prune_channels, formats=formats, output=output,
-                        storage=storage, verify_samples=verify_samples, data_dir=data_dir, noise=noise,
-                        runtime=runtime).summary
+    return export_model(checkpoint, bits=bits, prune_channels=prune_channels, channel_multiple=channel_multiple,
+                        formats=formats, output=output, storage=storage, verify_samples=verify_samples,
+                        data_dir=data_dir, noise=noise, runtime=runtime).summary
 
 
 def export_model(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | str | None = None,
-                 prune_channels: bool = False, formats: Sequence[str] | str = ("qdq",),
+                 prune_channels: bool = False, channel_multiple: int = 1, formats: Sequence[str] | str = ("qdq",),
                  output: str | Path = "model.onnx", storage: str | None = None, verify_samples: int = 512,
                  data_dir: str | Path | None = None, noise: bool = True,
                  runtime: str = "onnxruntime") -> ExportResult:
@@ -229,12 +232,16 @@ def export_model(checkpoint: str | Path = "runs/latest/best.pt", *, bits: int | 
     runtime: the runtime the file is for. "openvino" stores sub-8-bit weights as plain int8 (OpenVINO runs
     the packed INT4 -> Cast -> Mul chain in float) and also verifies the file in OpenVINO, reporting which
     layers it runs as int8 kernels. storage: None means the runtime's choice (packed / int8).
+    channel_multiple: with prune_channels, each channel group keeps a multiple of this many channels (zero
+    channels are kept to round up): onnxruntime's fast int8 conv kernel needs at least 16 output channels, so
+    16 trades bytes for speed on narrow models (BENCHMARKS.md, "Pruned ResNet-20"); 1 keeps the fewest.
 
     Raises UsageError for bad input and VerificationError when an exported file does not compute what
     the PyTorch model computes; in both cases nothing is written.
     """
-    job = resolve_job(checkpoint, bits=bits, prune_channels=prune_channels, formats=formats, output=output,
-                      storage=storage, verify_samples=verify_samples, data_dir=data_dir, noise=noise, runtime=runtime)
+    job = resolve_job(checkpoint, bits=bits, prune_channels=prune_channels, channel_multiple=channel_multiple,
+                      formats=formats, output=output, storage=storage, verify_samples=verify_samples,
+                      data_dir=data_dir, noise=noise, runtime=runtime)
     ckpt, data, built = load(job)
     transform(job, ckpt, data, built)
     for fmt in WRITERS:
@@ -259,6 +266,11 @@ def resolve_job(checkpoint: str | Path, **kw: Any) -> ExportJob:
                          "openvino)")
     if storage not in STORAGES:
         raise UsageError(f"unknown storage {storage!r}; choose one of: {', '.join(STORAGES)}")
+    multiple = kw.get("channel_multiple", 1)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= 4096:
+        raise UsageError(f"--channel-multiple must be an integer from 1 to 4096, got {multiple!r}")
+    if multiple > 1 and not kw["prune_channels"]:
+        raise UsageError("--channel-multiple rounds the channels --prune-channels keeps; pass --prune-channels too")
     if int(kw["verify_samples"]) < 1:
         raise UsageError(f"--verify-samples must be at least 1 (every export is verified), got {kw['verify_samples']}")
     paths = output_paths(kw["output"])
@@ -268,7 +280,8 @@ def resolve_job(checkpoint: str | Path, **kw: Any) -> ExportJob:
     for p in _written(paths, fmts):  # before the work: an unwritable folder fails now, not after verification
         check_writable(p, "-o")
     return ExportJob(checkpoint=checkpoint, fmts=fmts, storage=storage, runtime=runtime, paths=paths,
-                     bits=kw["bits"], prune_channels=kw["prune_channels"], verify_samples=int(kw["verify_samples"]),
+                     bits=kw["bits"], prune_channels=kw["prune_channels"], channel_multiple=multiple,
+                     verify_samples=int(kw["verify_samples"]),
                      data_dir=kw["data_dir"], noise=kw["noise"])
 
 
@@ -313,7 +326,7 @@ def load(job: ExportJob) -> tuple[Checkpoint, Any, _Built]:
 def transform(job: ExportJob, ckpt: Checkpoint, data: Any, built: _Built) -> None:
     """Physical channel removal, then post-training quantization to `--bits` below the trained bits."""
     if job.prune_channels:
-        built.model, built.summary["pruning"] = _shrink(built.model, ckpt.input_shape)
+        built.model, built.summary["pruning"] = _shrink(built.model, ckpt.input_shape, job.channel_multiple)
     trained_bits = ckpt.quant.bits
     built.summary["trained_bits"] = trained_bits
     built.summary["bits"] = trained_bits
