@@ -86,14 +86,14 @@ def tucker2(w: torch.Tensor, ranks: Sequence[int], sweeps: int = HOOI_SWEEPS
     # A zero output (input) slice of W is a pruned channel: its factor row is 0 in exact arithmetic, and
     # setting it so keeps the channel exactly zero through the factors (export --prune-channels removes it).
     if not eye_o:
-        uo[_zero_slices(w, 0)] = 0
+        uo[zero_slices(w, 0)] = 0
     if not eye_i:
-        ui[_zero_slices(w, 1)] = 0
+        ui[zero_slices(w, 1)] = 0
     core = torch.einsum("oi...,oa,ib->ab...", w, uo, ui)
     return core, uo, ui
 
 
-def _zero_slices(w: torch.Tensor, mode: int) -> torch.Tensor:
+def zero_slices(w: torch.Tensor, mode: int) -> torch.Tensor:
     """Bool per index of `mode` (0: output, 1: input channels): the slices of `w` that are all zero."""
     return w.transpose(0, mode).reshape(w.shape[mode], -1).abs().amax(1) == 0
 
@@ -280,8 +280,8 @@ class LowRankLinear(nn.Module):
     def load_svd(self, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         w64 = w.detach().to(torch.float64)
         u, s, vh = torch.linalg.svd(w64, full_matrices=False)
-        u[_zero_slices(w64, 0)] = 0  # pruned channels stay exactly zero (see tucker2)
-        vh[:, _zero_slices(w64, 1)] = 0
+        u[zero_slices(w64, 0)] = 0  # pruned channels stay exactly zero (see tucker2)
+        vh[:, zero_slices(w64, 1)] = 0
         r = self.ranks[0]
         root = s[:r].sqrt()
         self.core.weight.copy_((root[:, None] * vh[:r]).to(self.core.weight.dtype))

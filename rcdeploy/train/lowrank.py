@@ -53,6 +53,7 @@ from rcdeploy.models.tucker import (
     factorized_from,
     mode_energies,
     project,
+    zero_slices,
 )
 from rcdeploy.quant.calibrate import init_weight_scales
 from rcdeploy.quant.spec import QuantSpec, set_module, weight_layers
@@ -185,9 +186,7 @@ def allocate(weights: dict[str, torch.Tensor], ratio: float, multiple: int = 1) 
 
 def remaining(w: torch.Tensor) -> torch.Tensor:
     """`w` without its all-zero output rows and input columns (pruned channels): the shape it is stored at."""
-    dims = tuple(range(2, w.dim()))
-    rows = w.abs().amax(dim=(1, *dims)) > 0
-    cols = w.abs().amax(dim=(0, *dims)) > 0
+    rows, cols = ~zero_slices(w, 0), ~zero_slices(w, 1)
     if not rows.any() or not cols.any():
         return w  # a fully zero layer: nothing to compact to (allocation keeps its smallest ranks)
     return w[rows][:, cols]
