@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from rcdeploy.artifacts.model_card import ModelCard
 from rcdeploy.deploy.bench_cache import default_dir
 from rcdeploy.distributed import World
 from rcdeploy.errors import UsageError
+from rcdeploy.io import file_sha256
 from rcdeploy.units import parse_fraction
 
 DEFAULT_SAMPLES = 1000  # test images used when --samples is not given (all of them if fewer)
@@ -106,14 +106,6 @@ def _image_input(proto: onnx.ModelProto, path: str) -> tuple[str, list[int | str
     return vi.name, dims
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _subset(n: int, samples: int) -> np.ndarray:
     """Indices of `samples` test images: all of them, or a fixed random subset (classes mixed)."""
     if samples >= n:
@@ -160,7 +152,7 @@ class BenchSettings:
 
     def model_sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = _sha256(self.path)
+            self._sha256 = file_sha256(self.path)
         return self._sha256
 
     @property

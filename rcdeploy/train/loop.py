@@ -45,7 +45,7 @@ from rcdeploy.train.checkpoint import (
     load_weights,
     model_spec,
 )
-from rcdeploy.train.objectives import OBJECTIVES, AdvSettings, load_teacher
+from rcdeploy.train.objectives import OBJECTIVES, AdvSettings
 from rcdeploy.train.rundir import check_new_run, locked, new_run, point_latest, run_name
 from rcdeploy.train.scaleout import (
     BatchNormAverager,
@@ -57,6 +57,7 @@ from rcdeploy.train.scaleout import (
     threads_per_rank,
     wrap,
 )
+from rcdeploy.train.teacher import load_teacher
 from rcdeploy.train.unstructured import sparsity_report
 
 

@@ -10,11 +10,8 @@ through `unwrap(model)`, whose input gradients must not enter DDP's gradient red
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +21,6 @@ from rcdeploy.attacks import parse_attack
 from rcdeploy.distributed import unwrap
 from rcdeploy.errors import UsageError
 from rcdeploy.names import OBJECTIVES
-
-if TYPE_CHECKING:
-    from rcdeploy.config import TrainConfig
-    from rcdeploy.data import DatasetMeta
 
 
 @dataclass(frozen=True)
@@ -42,7 +35,7 @@ class AdvSettings:
 
 
 __all__ = ["OBJECTIVES", "AdvSettings", "Objective", "ard", "ard_examples", "distillation_kl", "fgsm_rs",
-           "load_teacher", "mixed", "natural", "pgd", "trades"]
+           "mixed", "natural", "pgd", "trades"]
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, AdvSettings, torch.Generator], tuple]
 
@@ -171,65 +164,3 @@ def ard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: AdvSettings, gen:
     if a < 1.0:
         loss = loss + (1.0 - a) * F.cross_entropy(model(x), y)
     return loss, adv_logits
-
-
-def teacher_file(given: str | Path) -> Path:
-    """--teacher: a checkpoint file, or a run folder (its best.pt); the absolute path, links resolved (so
-    `runs/latest`, which the student's own run takes over, still names the teacher on resume)."""
-    path = Path(given).expanduser()
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise UsageError(f"--teacher {given}: the folder holds no best.pt (pass a checkpoint file, e.g. "
-                             f"{path / 'last.pt'})")
-        path = path / "best.pt"
-    return path.resolve()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as e:
-        raise UsageError(f"--teacher {path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    return digest.hexdigest()
-
-
-def load_teacher(cfg: TrainConfig, meta: DatasetMeta, device: torch.device) -> nn.Module | None:
-    """The frozen teacher of `--adv ard` (None without --teacher), loaded once per process with the checkpoint
-    loader: eval mode, no gradients, on `device`; it is never trained and never saved with the student.
-
-    Sets `cfg.teacher` to the resolved file and `cfg.teacher_sha256` to its hash, which the run's config
-    keeps; a hash already there (a resumed run, or pinned in a recipe) must match the file."""
-    if cfg.teacher is None:
-        return None
-    from rcdeploy.train.checkpoint import load_model
-
-    path = teacher_file(cfg.teacher)
-    try:
-        model, raw = load_model(path, map_location=device)
-    except UsageError as e:
-        raise UsageError(f"--teacher: {e}") from None
-    _check_teacher_data(path, raw["dataset"], meta)
-    digest = file_sha256(path)
-    if cfg.teacher_sha256 is not None and cfg.teacher_sha256 != digest:
-        raise UsageError(f"--teacher {path} changed: its sha256 is {digest[:12]}..., the run was set to "
-                         f"{cfg.teacher_sha256[:12]}... (restore that file, or start a new run)")
-    cfg.teacher, cfg.teacher_sha256 = str(path), digest
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def _check_teacher_data(path: Path, teacher: dict, meta: DatasetMeta) -> None:
-    """The teacher must take this dataset's inputs and score its classes."""
-    shape = tuple(int(v) for v in teacher["shape"])
-    if int(teacher["num_classes"]) != meta.num_classes or shape != tuple(meta.shape):
-        raise UsageError(f"--teacher {path} was trained on {_data(teacher['name'], teacher['num_classes'], shape)}; "
-                         f"this run's dataset is {_data(meta.name, meta.num_classes, tuple(meta.shape))}: the "
-                         "teacher must take the same inputs and classes")
-
-
-def _data(name: str, classes: int, shape: tuple[int, ...]) -> str:
-    return f"{name} ({classes} classes, inputs {'x'.join(map(str, shape))})"
