@@ -13,6 +13,33 @@ only orderings can be compared, and at this size even those are noisy.
 
     python benchmarks/reproduce_seed002.py                      # all six rows
     python benchmarks/reproduce_seed002.py --rows resnet20,en5resnet20 --test-samples 100
+
+Full mode (issue 16, item 5; the `seed002-full` section and results.json key):
+
+    python benchmarks/reproduce_seed002.py --full --epochs 10 [--rows ...] [--test-samples N] [--eot N]
+                                           [--export-bits 4] [--threads 2] [--quick] [--no-write]
+
+trains the six rows from the paper-setting recipes `recipes/seed002-<row>.yaml` (PGD-10 training at eps 8/255,
+8-bit QAT as the recipes set it, the RGSM rows with their RGSM settings) on the whole slice's training split
+(10% of it held out as validation, `val_fraction`; the test split is never used for a choice), with the same
+`--epochs E` for every row (the recipes' 200 overridden; the lr drops at 40/60/80% scale with E). Each row's
+best.pt is scored in PyTorch on `--test-samples` test images (default all 932): clean, FGSM, IFGSM20, CW20 at
+eps 8/255, step 2/255, worst case per image, EnResNets with EOT (the recipe's `eot`, or `--eot`); then exported by
+`rcdeploy.export` at `--export-bits` (4: post-training quantization of the 8-bit QAT weights; EnResNet files keep
+their noise) and the deployed file scored with the same attacks by `rcdeploy.deploy.bench.bench_model` (`eot`).
+Rows run one at a time, each in a worker process; resumable per row: a finished row is kept in
+.bench/perf/seed002-full-e{E}/<row>.row.json and reused while its settings hold, an interrupted training continues
+from its last.pt, an interrupted PyTorch scoring at the attack it stopped in, an interrupted bench from its chunk
+cache. `--quick` is a smoke run: 1 epoch, 256 training images (FGSM validation on 64), 32 test images, rows
+resnet20,en2resnet20-rgsm.
+
+Wall time of `--full --epochs 10` on 2 CPU cores: an ESTIMATE of about 10 days (roughly 230 hours), extrapolated
+linearly from one `--quick` smoke run on 2 cores shared with another benchmark (load ~5): ResNet20 PGD-10 training
+72 s per 256 images per epoch; PyTorch scoring 100 s per 32 test images (IFGSM20 36 s, CW20 53 s); the 4-bit file
+benched in 33 s per 32 images; scaled by images (4,194 training, 466 validation with IFGSM20 each epoch, 932 test)
+and by members x EOT draws for the EnResNets (En2: 2 x 5, En5: 5 x 5; the EOT validation and scoring dominate).
+The per-row total is about 1 : 6 : 15 for ResNet20 : En2 : En5. An idle machine is perhaps twice as fast; the
+run is meant for the GPU machine (or for fewer epochs / `--rows` / `--test-samples` on CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +48,7 @@ import argparse
 import json
 import math
 import re
+import signal
 import sys
 import time
 import warnings
@@ -147,7 +175,7 @@ def write_section(path: Path, text: str) -> None:
 
 FULL_KEY = "seed002-full"
 EXPORT_BITS = 4
-QUICK = {"epochs": 1, "train_samples": 256, "test_samples": 32, "val_samples": 64,
+QUICK = {"epochs": 1, "train_samples": 256, "test_samples": 32, "val_samples": 64, "val_attack": "fgsm",
          "rows": ("resnet20", "en2resnet20-rgsm")}
 RUN_ONLY = ("out", "name", "threads", "nproc", "max_restarts", "device")  # settings that do not change a result
 PAPER_EPOCHS = 200
@@ -159,10 +187,10 @@ def log(msg: str) -> None:
 
 def full_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """What the full mode changes in every paper-setting recipe: the data, the epochs (the same for every row)
-    and, for --quick only, a training-image cap and a smaller validation."""
+    and, for --quick only, a training-image cap and a smaller, cheaper (FGSM) validation."""
     kw: dict[str, Any] = {"data_dir": str(SLICE), "epochs": args.epochs}
     if args.quick:
-        kw |= {"train_samples": QUICK["train_samples"], "val_samples": QUICK["val_samples"]}
+        kw |= {k: QUICK[k] for k in ("train_samples", "val_samples", "val_attack")}
     return kw
 
 
@@ -466,7 +494,8 @@ def settings_of(r: dict[str, Any]) -> dict[str, Any]:
     return {"recipe": r["spec"]["train"]["recipe"], "model": c["model"], "width": c["width"], "bits": c["bits"],
             "act_bits": c["act_bits"], "epochs": c["epochs"], "train_samples": c["train_samples"],
             "val_fraction": c["val_fraction"], "steps": c["steps"], "eot": r["spec"]["score"]["eot"],
-            "export_bits": r["spec"]["export"]["bits"], "sparsity": c["sparsity"]}
+            "export_bits": r["spec"]["export"]["bits"],
+            "sparsity": c["sparsity"] if c["prune_channels"] else None, "prune_channels": c["prune_channels"]}
 
 
 # ----------------------------------------------------------------------------------------- full-mode output
@@ -534,12 +563,15 @@ def difference(results: dict[str, Any], a: str, b: str, part: str) -> tuple[floa
 
 
 def judged(d: tuple[float, float] | None, expect: str) -> str:
+    """'+x ± se points, beyond/within 2 SE: holds / does not hold' for an expected ordering."""
     if d is None:
         return "not measured"
     beyond = abs(d[0]) > 2 * d[1]
-    holds = d[0] > 0 if expect == "higher" else not (d[0] < 0 and beyond)
-    return (f"{d[0]:+.1f} ± {d[1]:.1f} points, {'beyond' if beyond else 'within'} 2 SE: "
-            f"{'holds' if holds else 'does not hold'}{'' if beyond or expect != 'higher' else ' only in sign'}")
+    if expect == "higher":
+        verdict = ("holds" if d[0] > 0 else "does not hold") + ("" if beyond else " (within noise)")
+    else:  # "no loss": broken only by a loss beyond 2 SE
+        verdict = "does not hold" if d[0] < 0 and beyond else "holds"
+    return f"{d[0]:+.1f} ± {d[1]:.1f} points, {'beyond' if beyond else 'within'} 2 SE: {verdict}"
 
 
 def ordering_sentences(results: dict[str, Any]) -> list[str]:
@@ -562,7 +594,7 @@ width {width}, PGD-{steps} adversarial training at eps 8/255 step 2/255, SGD Nes
 for the last 20% of the epochs; the recipes train {bits}-bit weights and {act}-bit activations (QAT), not float as
 the paper) on the CIFAR-10 slice: {train} of its {total} training images ({val_pct:g}% held out, seeded and
 stratified, to pick the checkpoint: best ({val_attack}, clean) accuracy on up to {val_n} of them; the test split is
-never used for a choice), **{epochs} epoch(s) for every row: {share} of the paper's {paper_epochs}** on 50,000 images
+never used for a choice), **{epochs} epoch(s) for every row: {share} of the paper's {paper_epochs} epochs** on 50,000 images
 (the lr drops scale with the epochs).
 |
 Scored on {samples} test images at eps 8/255, step 2/255: FGSM, IFGSM20, CW20; worst = per image over clean and the
@@ -583,11 +615,11 @@ def intro_values(results: dict[str, Any]) -> dict[str, Any]:
     data = load_dataset("cifar10", SLICE, val_fraction=s["val_fraction"], seed=s["seed"])
     total = len(data.train) + len(data.val)
     ptq = s["bits"] != results["export_bits"]
-    return {"width": s["width"], "steps": s["steps"], "bits": s["bits"], "act": s["act_bits"],
-            "train": s["train_samples"] or f"all {len(data.train)}", "total": total,
+    return {"width": s["width"] or 1, "steps": s["steps"], "bits": s["bits"], "act": s["act_bits"],
+            "train": s["train_samples"] or f"all {len(data.train):,}", "total": f"{total:,}",
             "val_pct": 100 * s["val_fraction"], "val_attack": s["val_attack"],
             "val_n": s["val_samples"] or "all", "epochs": results["epochs"],
-            "share": f"{100 * results['epochs'] / PAPER_EPOCHS:.0f}%", "paper_epochs": PAPER_EPOCHS,
+            "share": f"{results['epochs']}/{PAPER_EPOCHS} = {100 * results['epochs'] / PAPER_EPOCHS:g}%", "paper_epochs": PAPER_EPOCHS,
             "samples": first["torch"]["n"], "export_bits": results["export_bits"],
             "export_note": (f"post-training quantization of the {s['bits']}-bit QAT weights to "
                             f"{results['export_bits']} bits" if ptq else "the trained bits"),
@@ -647,6 +679,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
@@ -661,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", message="fast_hadamard_transform")
     if args.full:
+        signal.signal(signal.SIGTERM, _interrupt)  # a kill stops the worker too (it saves last.pt), as Ctrl-C does
         try:
             return run_full(args, rows)
         except KeyboardInterrupt:
