@@ -314,3 +314,24 @@ def test_library_errors_and_parsing(fitted: dict[str, Path]) -> None:
         parse_batch_sizes("0")
     with pytest.raises(UsageError, match="step"):
         bench_model(fitted["pgd"], step="-1/255", latency=False, progress=False)
+
+
+def test_indices_score_exactly_those_images(float_model: Path) -> None:
+    """`indices` (AutoAttack's cascade attacks only the survivors): the report covers those test images, each
+    scored as in the fixed-subset run; bad indices are one UsageError."""
+    full = bench_model(float_model, dataset="digits", eps=0.1, samples=60, attacks="pgd5", latency=False,
+                       progress=False, cache=False)
+    fp = full["accuracy"]["per_image"]
+    pick = [int(i) for i in fp["test_index"][::7]]
+    part = bench_model(float_model, dataset="digits", eps=0.1, indices=pick[::-1], attacks="pgd5", latency=False,
+                       progress=False, cache=False)
+    pp = part["accuracy"]["per_image"]
+    assert part["settings"]["samples"] == len(pick) and list(pp["test_index"]) == sorted(pick)
+    clean = fp["correct_draws"][fp["order"].index("clean")]
+    where = {int(t): k for k, t in enumerate(fp["test_index"])}
+    assert pp["correct_draws"][pp["order"].index("clean")] == [clean[where[i]] for i in sorted(pick)]
+    for bad, match in (([], "at least one"), ([1, 1], "distinct"), ([-1], ">= 0"), ([10**6], "past the")):
+        with pytest.raises(UsageError, match=match):
+            bench_model(float_model, dataset="digits", indices=bad, attacks="none", latency=False, progress=False)
+    with pytest.raises(UsageError, match="pass one"):
+        bench_model(float_model, dataset="digits", indices=[0], samples=5, latency=False, progress=False)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def bench_model(
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     samples: int | None = None,
+    indices: Sequence[int] | None = None,
     eps: float | str | None = None,
     step: float | str | None = None,
     restarts: int = 1,
@@ -107,6 +109,8 @@ def bench_model(
     dataset / data_dir / eps: default to the sidecar's (eps: its training eps, else the
     dataset's default_eps); step defaults to the attacks' own (eps / 4).
     samples: test images scored (default min(DEFAULT_SAMPLES, test split)).
+    indices: the test-split indices to score instead (not with `samples`): e.g. AutoAttack's cascade, where
+        each attack runs only on the images every earlier one failed on.
     eot: gradient and evaluation draws for stochastic graphs (ignored for deterministic ones).
     target: 'cpu' or 'mobile' latency profile; batch_sizes default to 1,64 on cpu and 1 on
         mobile, which measures batch 1 only.
@@ -129,7 +133,7 @@ def bench_model(
         with the same model, images and settings, so an interrupted bench resumes. Kept after a complete
         run (a rerun reads every chunk back); `cache=False` reads and writes nothing.
     """
-    kw: dict[str, Any] = dict(attacks=attacks, dataset=dataset, data_dir=data_dir, samples=samples, eps=eps,
+    kw: dict[str, Any] = dict(attacks=attacks, dataset=dataset, data_dir=data_dir, samples=samples, indices=indices, eps=eps,
                               step=step, restarts=restarts, eot=eot, target=target, batch_sizes=batch_sizes,
                               seed=seed, threads=threads, latency=latency, latency_seconds=latency_seconds,
                               progress=progress, isa=isa, runtime=runtime, cache=cache, cache_dir=cache_dir)

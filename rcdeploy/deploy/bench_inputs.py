@@ -136,6 +136,7 @@ class BenchSettings:
     dataset: str | None
     data_dir: str | Path | None
     samples: int | None
+    indices: tuple[int, ...] | None  # test-split indices scored in place of the `samples` subset
     restarts: int
     eot: int
     seed: int
@@ -197,7 +198,7 @@ def resolve_settings(model: str | Path, world: World | None = None, **kw: Any) -
     return BenchSettings(
         path=path, proto=proto, input_name=input_name, dims=dims, card=card, profile=profile, isa=isa_v, cpu=here,
         runtime=runtime, batch_sizes=sizes, attack_spec=spec, eps_flag=eps_flag, step=step_v, dataset=kw["dataset"],
-        data_dir=kw["data_dir"], samples=kw["samples"], restarts=kw["restarts"], eot=kw["eot"], seed=kw["seed"],
+        data_dir=kw["data_dir"], samples=kw["samples"], indices=_checked_indices(kw), restarts=kw["restarts"], eot=kw["eot"], seed=kw["seed"],
         threads=kw["threads"], latency=kw["latency"], latency_seconds=kw["latency_seconds"],
         progress=kw["progress"] if world.main else False, cache_dir=cache_dir, chunk=_chunk_images(), world=world,
         notes=notes)
@@ -248,6 +249,20 @@ def _check_numbers(kw: dict[str, Any]) -> None:
     seconds = kw["latency_seconds"]
     if not (math.isfinite(seconds) and 0 < seconds <= 3600):
         raise UsageError(f"--latency-seconds must be a finite number in (0, 3600], got {seconds}")
+
+
+def _checked_indices(kw: dict[str, Any]) -> tuple[int, ...] | None:
+    """`indices` (Python API): distinct test-split indices, not with `samples` (their range is checked once the
+    split is loaded)."""
+    given = kw.get("indices")
+    if given is None:
+        return None
+    if kw["samples"] is not None:
+        raise UsageError("indices and samples both choose the test images; pass one")
+    idx = tuple(int(i) for i in given)
+    if not idx or min(idx) < 0 or len(set(idx)) != len(idx):
+        raise UsageError("indices must be distinct test-split indices >= 0, at least one")
+    return idx
 
 
 def _checked_eps_step(eps: float | str | None, step: float | str | None) -> tuple[float | None, float | None]:
@@ -309,10 +324,15 @@ def _test_subset(s: BenchSettings, data: Any, data_dir: str | Path | None) -> Be
     n_total = len(data.test)
     if n_total == 0:
         raise UsageError(f"dataset {meta.name!r} has no test images")
-    n = min(int(s.samples) if s.samples is not None else DEFAULT_SAMPLES, n_total)
-    if s.samples is not None and int(s.samples) > n_total:
-        s.notes.append(f"--samples {s.samples}: the {meta.name} test split has {n_total} images, all used")
-    idx = _subset(n_total, n)
+    if s.indices is not None:
+        if max(s.indices) >= n_total:
+            raise UsageError(f"indices: {max(s.indices)} is past the {meta.name} test split ({n_total} images)")
+        idx = np.array(sorted(s.indices))
+    else:
+        n = min(int(s.samples) if s.samples is not None else DEFAULT_SAMPLES, n_total)
+        if s.samples is not None and int(s.samples) > n_total:
+            s.notes.append(f"--samples {s.samples}: the {meta.name} test split has {n_total} images, all used")
+        idx = _subset(n_total, n)
     return BenchImages(meta=meta, x=data.test.x[idx].cpu().float().contiguous(), y=data.test.y[idx].cpu().long(),
                        n_total=n_total, data_dir=data_dir, index=idx)
 
