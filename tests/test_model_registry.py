@@ -117,3 +117,20 @@ def test_every_registered_model_builds_trains_shrinks_exports_and_matches_onnxru
     x = digits.test.x[:IMAGES]
     small = _shrink(name, model, x)
     _match_onnxruntime(small, x)
+
+
+def test_first_last_bits_cover_every_ensemble_member() -> None:
+    """An EnResNet keeps every member's stem and classifier at first_last_bits (its own `first_last_layers`),
+    not only the first weight layer of member 0 and the last of the final member; plain models keep theirs."""
+    from rcdeploy.models.registry import create_model
+    from rcdeploy.quant.spec import QuantSpec, layer_bits, weight_layers
+
+    kw = dict(num_classes=10, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3, quant=QuantSpec(bits=4, first_last_bits=8))
+    en = create_model("en2resnet20", **kw)
+    bits = {n: layer_bits(m) for n, m in weight_layers(en)}
+    wide = sorted(n for n, b in bits.items() if b == 8)
+    assert wide == sorted(en.first_last_layers) and len(wide) == 4, wide
+    assert set(bits.values()) == {4, 8}
+    plain = create_model("resnet20", **kw)
+    names = [n for n, _ in weight_layers(plain)]
+    assert [n for n, m in weight_layers(plain) if layer_bits(m) == 8] == [names[0], names[-1]]

@@ -108,13 +108,20 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def first_last_names(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
+    """The layers a first/last bit policy keeps wide: the model's own `first_last_layers` when it names them (an
+    ensemble: every member's stem and classifier), else the first and last weight layers."""
+    own = [n for n in getattr(model, "first_last_layers", None) or [] if n in dict(layers)]
+    return own or [layers[0][0], layers[-1][0]]
+
+
 def apply_bit_policy(model: nn.Module, spec: QuantSpec) -> dict[str, int]:
     """Apply first/last-layer bits and per-layer overrides; returns the bits of every weight layer."""
     layers = weight_layers(model)
     wanted: dict[str, int] = {name: spec.bits for name, _ in layers}
     if spec.first_last_bits is not None and spec.bits != FLOAT and layers:
-        wanted[layers[0][0]] = spec.first_last_bits
-        wanted[layers[-1][0]] = spec.first_last_bits
+        for name in first_last_names(model, layers):
+            wanted[name] = spec.first_last_bits
     for pattern, bits in spec.overrides.items():
         hits = [name for name in wanted if fnmatch.fnmatchcase(name, pattern)]
         if not hits:
