@@ -936,7 +936,7 @@ def verdict(results: dict[str, Any]) -> str:
             f"{row['clean_acc_pct']:.1f}% vs {ref['clean_acc_pct']:.1f}% ({c[0]:+.1f} ± {c[1]:.1f} points), PGD-20 "
             f"{row['robust']['pgd20']:.1f}% vs {ref['robust']['pgd20']:.1f}% ({p[0]:+.1f} ± {p[1]:.1f} points), on "
             f"{row['samples']} test images.")
-    levers = [(n, goal_gaps(results, n)) for n in LEVERS if n in results["rows"]]
+    levers = [(n, goal_gaps(results, n)) for n in LEVERS if "samples" in results["rows"].get(n, {})]
     met_by = [n for n, lg in levers if lg and lg[0][0] >= -GOAL_POINTS and lg[1][0] >= -GOAL_POINTS]
     if levers:
         line += (f" Levers that meet it: {', '.join(met_by)}." if met_by else " No lever tried meets it.")
