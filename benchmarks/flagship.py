@@ -132,11 +132,11 @@ def row_spec(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any
     elif name in LEVERS:
         kw = base | LEVERS[name]
         bench["attacks"] = LEVER_ATTACKS
-        if kw.get("adv") == "ard":  # the teacher row's own settings: a retrained teacher retrains the student
-            kw["teacher"] = str(scratch_folder(args) / "runs" / TEACHER_ROW / "best.pt")
+        if teacher := needs(name):
+            kw["teacher"] = str(scratch_folder(args) / "runs" / teacher / "best.pt")
         train = {"config": RECIPE, "overrides": kw, "resolved": resolved(kw), "export": ROW_EXPORT["w4-p50"]}
-        if kw.get("adv") == "ard":
-            train["teacher_row"] = row_spec(TEACHER_ROW, args, threads)["train"]
+        if teacher:  # the teacher row's own settings: a retrained teacher retrains the student
+            train["teacher_row"] = row_spec(teacher, args, threads)["train"]
     else:
         raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS + tuple(LEVERS))}")
     return {"row": name, "train": common._jsonable(train), "bench": bench, "threads": threads}
@@ -556,8 +556,10 @@ def cascade_masking_flags(order: list[str], sources: dict[str, str], after: dict
     ste = [a for a in order if sources.get(a) == "ste"]
     if not ste or ste[-1] == order[-1]:
         return []
+    from rcdeploy.deploy.attack_figures import noise_pct
+
     base, final = after[ste[-1]], after[order[-1]]
-    tol = max(2 * se_points(base, n), 100 / n)
+    tol = noise_pct(base, n)
     if base - final <= tol:
         return []
     return [f"likely gradient masking: after every straight-through attack ({base:.1f}%), the smooth-surrogate and "

@@ -15,7 +15,7 @@ import numpy as np
 from rcdeploy.robustness import WorstCase
 
 
-def _noise_pct(acc_pct: float, n: int) -> float:
+def noise_pct(acc_pct: float, n: int) -> float:
     """Two binomial standard errors of an accuracy over n images, at least one image (in %)."""
     p = min(max(acc_pct / 100.0, 0.0), 1.0)
     return max(100.0 / n, 200.0 * math.sqrt(p * (1 - p) / n))
@@ -44,7 +44,7 @@ def gradient_masking_flags(robust: list[dict[str, Any]], samples: int) -> list[s
     others = [r for r in robust if _source(r) in ("queries", "smooth")]
     if white:
         best_white = min(white, key=lambda r: r["robust_acc_pct"])
-        tol = _noise_pct(best_white["robust_acc_pct"], samples)
+        tol = noise_pct(best_white["robust_acc_pct"], samples)
         for r in others:
             gap = best_white["robust_acc_pct"] - r["robust_acc_pct"]
             if gap > tol:
@@ -55,7 +55,7 @@ def gradient_masking_flags(robust: list[dict[str, Any]], samples: int) -> list[s
     for one in (r for r in robust if r["family"] in _ONE_STEP):
         for it in (r for r in robust if r["family"] in _ITERATIVE and _source(r) == _source(one)):
             gap = it["robust_acc_pct"] - one["robust_acc_pct"]
-            tol = _noise_pct(it["robust_acc_pct"], samples)
+            tol = noise_pct(it["robust_acc_pct"], samples)
             if gap > tol:
                 flags.append(f"likely gradient masking: one-step {one['name']} ({one['robust_acc_pct']:.1f}%) beats "
                              f"iterative {it['name']} ({it['robust_acc_pct']:.1f}%) by {gap:.1f} points "
