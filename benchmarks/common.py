@@ -464,3 +464,65 @@ def goal_line(name: str, value: float | None, goal: float, *, higher: bool = Tru
     else:
         verdict = f"MISSED: {100 * (value / goal - 1):.1f}% over the goal"
     return f"{name}: {value:.3g}{unit} (goal {'>=' if higher else '<='} {goal:g}{unit}): {verdict}"
+
+
+# ----------------------------------------------------------------------------------------- row workers
+# The long benchmarks (flagship, seed002 --full) run each table row in its own process: a crash loses that row
+# only, its thread count is its own, and a kill lets it save its checkpoint. `<row>.spec.json` says what to do;
+# `<row>.row.json` is written only when the row is complete (its output also goes to `<row>.log`).
+
+
+def start_row_worker(script: str, row: str, spec: Mapping[str, Any], out: Path,
+                     log: Callable[[str], None]) -> tuple[Any, Any]:
+    """Start `python script --worker <row>.spec.json`; returns the process and the thread copying its output."""
+    import subprocess
+
+    spec_path = out / f"{row}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    log(f"{row}: started (log {out / (row + '.log')})")
+    proc = subprocess.Popen([sys.executable, script, "--worker", str(spec_path)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc, _tee(proc, out / f"{row}.log")
+
+
+def _tee(proc: Any, log_path: Path) -> Any:
+    """Copy a worker's output to its log file and to this process's stderr."""
+    import threading
+
+    def pump() -> None:
+        with log_path.open("a") as f:
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    return t
+
+
+def row_worker(spec_path: Path, build: Callable[[dict[str, Any], Path], dict[str, Any]]) -> int:
+    """The worker's side: read the spec, set torch's threads, `build(spec, out)` the row and write
+    `<row>.row.json` (atomically); on an error the traceback goes to the log and nothing is written."""
+    import traceback
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    spec = json.loads(spec_path.read_text())
+    out = spec_path.parent
+    torch.set_num_threads(spec["threads"])
+    try:
+        row = build(spec, out)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    dest = out / f"{spec['row']}.row.json"
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_jsonable(row), indent=1) + "\n")
+    tmp.replace(dest)
+    return 0

@@ -31,12 +31,17 @@ all 932); worst case = per image over clean and every attack. Latency (bench's `
 measured after all training, one file at a time. Rows train one at a time (`--jobs`), each with `--threads`
 torch threads (bench too). Resumable: every finished row is kept in the scratch folder
 (.bench/perf/flagship-e{epochs}/<row>.row.json) and reused while its settings are unchanged; an interrupted
-training continues from its last.pt, an interrupted bench from its chunk cache. One progress line per epoch.
+training continues from its last.pt, an interrupted bench from its chunk cache. The scratch folder lives only as
+long as the machine, so finished rows are also kept, with their per-image scores, in benchmarks/results.json
+(committed): the same command on a fresh clone, in a later session, reuses them (while their settings' digest
+matches) and runs only the rest; each row records when and on which CPU it was measured. One progress line per
+epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -46,9 +51,8 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
-import warnings
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -598,25 +602,19 @@ def load_test_images(index: list[int] | None) -> tuple[Any, Any, Any]:
 
 
 def worker(spec_path: Path) -> int:
-    """One row in its own process: train, export, bench; writes `<row>.row.json`."""
-    import torch
+    """One row in its own process (common.row_worker): train, export, bench; writes `<row>.row.json`."""
+    return common.row_worker(spec_path, build_row)
 
-    warnings.filterwarnings("ignore")
-    spec = json.loads(spec_path.read_text())
-    name, out = spec["row"], spec_path.parent
-    torch.set_num_threads(spec["threads"])
-    try:
-        info = train_and_export(name, spec, out)
-        row = {"row": name, "spec": spec} | info | bench_row(name, spec, Path(info["file"]))
-        if name == "yardstick":
-            x, y, meta = load_test_images(row["per_image"]["test_index"])
-            row["pytorch"] = yardstick_pytorch_scores(Path(info["run_dir"]), meta, x, y,
-                                                      spec["train"]["yardstick"]["eps"])
-    except Exception:
-        traceback.print_exc()
-        return 1
-    (out / f"{name}.row.json").write_text(json.dumps(common._jsonable(row), indent=1) + "\n")
-    return 0
+
+def build_row(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    name = spec["row"]
+    info = train_and_export(name, spec, out)
+    row = {"row": name, "spec": spec} | info | bench_row(name, spec, Path(info["file"]))
+    row["measured"] = measured_on()
+    if name == "yardstick":
+        x, y, meta = load_test_images(row["per_image"]["test_index"])
+        row["pytorch"] = yardstick_pytorch_scores(Path(info["run_dir"]), meta, x, y, spec["train"]["yardstick"]["eps"])
+    return row
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -656,29 +654,8 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def tee(proc: subprocess.Popen, log_path: Path) -> threading.Thread:
-    """Copy a worker's output to its log file and to this process's stderr."""
-    def pump() -> None:
-        with log_path.open("a") as f:
-            for line in proc.stdout:  # type: ignore[union-attr]
-                f.write(line)
-                f.flush()
-                sys.stderr.write(line)
-                sys.stderr.flush()
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    return t
-
-
 def start_worker(name: str, spec: dict[str, Any], out: Path) -> tuple[subprocess.Popen, threading.Thread]:
-    spec_path = out / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    log(f"{name}: started (log {out / (name + '.log')})")
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return proc, tee(proc, out / f"{name}.log")
+    return common.start_row_worker(__file__, name, spec, out, log)
 
 
 def finished(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -687,6 +664,8 @@ def finished(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any] | Non
         return None
     r = json.loads(p.read_text())
     same = r.get("spec", {}).get("train") == spec["train"] and r["spec"].get("bench") == spec["bench"]
+    if same and "measured" not in r:  # a row.json from before rows said where: scratch never leaves its machine
+        r["measured"] = measured_on(p.stat().st_mtime)
     return r if same else None
 
 
@@ -798,13 +777,10 @@ def run(args: argparse.Namespace) -> int:
         results["wall_s"] = time.perf_counter() - t0
         state.write_text(json.dumps(common._jsonable(results), indent=1) + "\n")
         if not args.no_write:
-            common.update_results(KEY, strip_per_image(results))
+            common.update_results(KEY, kept_results(results))
             common.write_section(KEY, markdown(results))
 
-    for n in rows:
-        if (row := finished(out, n, specs[n])) is not None:
-            results["rows"][n] = row
-            log(f"{n}: reusing {out / (n + '.row.json')}")
+    reuse_rows(rows, specs, out, results)
     failed = run_rows(rows, specs, out, args.jobs, save, results)
     measure_latencies(rows, results, out, save)
     save()
@@ -813,6 +789,27 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_write:
         log(f"wrote {common.MARKDOWN.name} ({KEY} section) and {common.RESULTS.name}")
     return 1 if failed else 0
+
+
+def reuse_rows(rows: list[str], specs: dict[str, dict[str, Any]], out: Path, results: dict[str, Any]) -> None:
+    """Put in `results` every row finished with its current settings: in the scratch folder, else kept in
+    benchmarks/results.json by an earlier session. A kept row has no checkpoint on this machine, so a row whose
+    checkpoint a pending lever reads (ARD's teacher) is rerun instead."""
+    teachers: dict[str, list[str]] = {}
+    for n in rows:
+        if needs(n) and finished(out, n, specs[n]) is None and kept_row(n, specs[n]) is None:
+            teachers.setdefault(needs(n), []).append(n)
+    for n in rows:
+        if (row := finished(out, n, specs[n])) is not None:
+            results["rows"][n] = row
+            log(f"{n}: reusing {out / (n + '.row.json')}")
+        elif (row := kept_row(n, specs[n])) is None:
+            continue
+        elif n in teachers:
+            log(f"{n}: rerun, not reused from {common.RESULTS.name}: {', '.join(teachers[n])} reads its checkpoint")
+        else:
+            results["rows"][n] = row
+            log(f"{n}: reusing {common.RESULTS.name} (measured {row['measured']['date_utc']} UTC)")
 
 
 def lock_folder(out: Path) -> Any:
@@ -832,7 +829,7 @@ def measure_latencies(rows: list[str], results: dict[str, Any], out: Path, save:
     """Latency of every finished file, after all training and scoring, one file at a time (kept per row)."""
     for name in rows:
         row = results["rows"].get(name) or {}
-        if "file" in row and not row.get("latency"):
+        if "file" in row and not row.get("latency") and Path(row["file"]).is_file():
             row["latency"] = latency(name, Path(row["file"]))
             (out / f"{name}.row.json").write_text(json.dumps(common._jsonable(row), indent=1) + "\n")
             save()
@@ -857,11 +854,71 @@ def new_results(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return results
 
 
-def strip_per_image(results: dict[str, Any]) -> dict[str, Any]:
-    """results.json keeps the figures, not the per-image arrays (they stay in the scratch folder)."""
-    rows = {n: {k: v for k, v in r.items() if k not in ("per_image", "spec", "history")} for n, r in
-            results["rows"].items()}
+# ----------------------------------------------------------------------------------------- rows kept in git
+# The scratch folder lives as long as the machine; benchmarks/results.json is committed. So a finished row is kept
+# there with its per-image scores (compact strings), and a later session on a fresh clone resumes the run where it
+# stopped: a kept row is reused while its settings are unchanged (`spec_digest`), and the paired gaps against the
+# yardstick come from the kept scores. Each row says when and on which CPU it was measured.
+
+
+def spec_digest(spec: dict[str, Any]) -> str:
+    """A row's settings (what it trains and how it is scored) as a hash that does not depend on where the
+    repository is checked out."""
+    text = json.dumps({k: spec[k] for k in ("train", "bench")}, sort_keys=True)
+    for path, token in ((str(common.SCRATCH), "<scratch>"), (str(common.SHARED_DATA), "<data>")):
+        text = text.replace(path, token)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pack_per_image(per: dict[str, list[int]]) -> dict[str, str]:
+    """Per-image 0/1 scores as digit strings ('0110...'); the test indices as 'first-last' when contiguous."""
+    idx = list(per["test_index"])
+    contiguous = bool(idx) and idx == list(range(idx[0], idx[0] + len(idx)))
+    out = {"test_index": f"{idx[0]}-{idx[-1]}" if contiguous else ",".join(map(str, idx))}
+    for key, scores in per.items():
+        if key != "test_index":
+            if any(v not in (0, 1) for v in scores):
+                raise ValueError(f"per-image {key} scores are not 0/1: the flagship's files are deterministic")
+            out[key] = "".join(str(int(v)) for v in scores)
+    return out
+
+
+def unpack_per_image(packed: dict[str, str]) -> dict[str, list[int]]:
+    idx = packed["test_index"]
+    first, sep, last = idx.partition("-")
+    index = list(range(int(first), int(last) + 1)) if sep else [int(v) for v in idx.split(",") if v]
+    return {"test_index": index} | {k: [int(c) for c in v] for k, v in packed.items() if k != "test_index"}
+
+
+def measured_on(when: float | None = None) -> dict[str, Any]:
+    """Where and when a row was measured: this machine's CPU, and `when` (epoch seconds) or now."""
+    m = common.machine_info()
+    if when is not None:
+        m["date_utc"] = datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return {k: m[k] for k in ("cpu", "cpu_count", "isa", "date_utc")}
+
+
+def kept_results(results: dict[str, Any]) -> dict[str, Any]:
+    """What benchmarks/results.json keeps: the figures and, per row, its settings' digest and its per-image
+    scores packed (not the spec, the epoch history, or the scratch paths)."""
+    rows = {}
+    for name, r in ordered_rows(results):
+        kept = {k: v for k, v in r.items() if k not in ("per_image", "spec", "history", "file", "run_dir")}
+        if "per_image" in r and "spec" in r:
+            kept |= {"spec_digest": spec_digest(r["spec"]), "per_image": pack_per_image(r["per_image"])}
+        rows[name] = kept
     return results | {"rows": rows}
+
+
+def kept_row(name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The row as an earlier session kept it in benchmarks/results.json, when its settings are the same."""
+    try:
+        r = json.loads(common.RESULTS.read_text())[KEY]["rows"][name]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+    if r.get("spec_digest") != spec_digest(spec) or "per_image" not in r or "measured" not in r:
+        return None
+    return r | {"per_image": unpack_per_image(r["per_image"]), "spec": spec}
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -900,11 +957,17 @@ def _gap(g: tuple[float, float] | None) -> str:
     return f"{g[0]:+.1f} ± {g[1]:.1f}" if g else "-"
 
 
+def ordered_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The rows in the table's order (main rows, then levers), whatever order they finished or were reused in."""
+    order = {n: i for i, n in enumerate(ROWS + tuple(LEVERS))}
+    return sorted(results["rows"].items(), key=lambda kv: order.get(kv[0], len(order)))
+
+
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["row", "clean %", "PGD-20 %", "worst %", "Δ clean", "Δ PGD-20", "file B", "MMACs", "p50 ms b1",
                "p50 ms b64", "train s"]
     out = []
-    for name, r in results["rows"].items():
+    for name, r in ordered_rows(results):
         if "failed" in r:
             out.append([TITLES.get(name, name), "FAILED"] + ["-"] * (len(headers) - 2))
             continue
@@ -972,8 +1035,10 @@ failed on; worst = per image over clean and every attack, the same figure as eve
 ± is the binomial standard error
 sqrt(p(1-p)/n); Δ is the row minus the yardstick in points on the same images, ± the paired standard error of the
 per-image differences. MMACs from onnxruntime's optimized graph; p50 latency of bench's `cpu` target (onnxruntime,
-{lat_threads} threads) at batch 1 and 64, measured after all training, one file at a time (shared machine: scale
-only). train s: training seconds summed over epochs ({jobs} row(s) at a time, {threads} thread(s) each), without
+{lat_threads} threads) at batch 1 and 64, measured after the session's training, one file at a time (shared
+machine: scale only). A run resumed in a later session (on a fresh clone) reuses the rows benchmarks/results.json
+keeps, with their per-image scores, while their settings are unchanged; each row says when and where it was
+measured. train s: training seconds summed over epochs ({jobs} row(s) at a time, {threads} thread(s) each), without
 the per-epoch validation.
 """
 
@@ -1015,9 +1080,16 @@ def cascade_text(r: dict[str, Any]) -> str:
     return "robust after each attack in turn: " + " > ".join(steps)
 
 
+def cpu_kind(measured: dict[str, Any]) -> str:
+    """The integer kernel family onnxruntime picks on that CPU (what can change a file's latency)."""
+    isa = set(measured.get("isa") or [])
+    return "AVX-512 VNNI" if "avx512_vnni" in isa else "AVX-VNNI" if "avx_vnni" in isa else \
+        "AVX2 only" if "avx2" in isa else "no AVX2"
+
+
 def row_notes(results: dict[str, Any]) -> list[str]:
     notes = []
-    for name, r in results["rows"].items():
+    for name, r in ordered_rows(results):
         if "failed" in r:
             notes.append(f"- {TITLES.get(name, name)}: failed: {r['failed']}")
             continue
@@ -1036,8 +1108,14 @@ def row_notes(results: dict[str, Any]) -> list[str]:
         kept = r.get("channels_kept")
         if isinstance(kept, dict) and name == "w4-p50":
             extra.append(f"output channels kept in the file {sum(kept.values())}")
+        if m := r.get("measured"):
+            extra.append(f"measured {m['date_utc']} UTC on {m['cpu']} ({cpu_kind(m)})")
         extra += [f"flag: {f}" for f in r.get("flags") or []]
         notes.append(f"- {TITLES.get(name, name)}: " + "; ".join(extra) + ".")
+    kinds = {cpu_kind(r["measured"]) for r in results["rows"].values() if r.get("measured")}
+    if len(kinds) > 1:
+        notes.append(f"- rows measured on more than one CPU kind ({', '.join(sorted(kinds))}): accuracies are the "
+                     "same on both (the files are exact integer programs), latencies compare only within one kind.")
     missing = [n for n in ROWS + tuple(LEVERS) if n not in results["rows"]]
     if missing:
         notes.append(f"- not run: {', '.join(missing)}.")

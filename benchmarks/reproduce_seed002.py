@@ -378,48 +378,30 @@ def export_row(row: str, spec: dict[str, Any], run_dir: Path, out: Path) -> dict
 
 
 def full_worker(spec_path: Path) -> int:
-    """One row in its own process: train, score best.pt, export, bench the file; writes `<row>.row.json`."""
-    import traceback
+    """One row in its own process (common.row_worker): train, score best.pt, export, bench the file."""
+    return common.row_worker(spec_path, full_row)
 
-    warnings.filterwarnings("ignore")
-    spec = json.loads(spec_path.read_text())
-    row, out = spec["row"], spec_path.parent
-    torch.set_num_threads(spec["threads"])
-    try:
-        t = time.perf_counter()
-        run_dir = train_row(row, spec, out)
-        hist = metrics_of(run_dir)
-        res: dict[str, Any] = {"row": row, "label": _label(row), "spec": spec, "train_wall_s": time.perf_counter() - t,
-                               "train_s": sum(float(h.get("train_time_s") or 0) for h in hist)}
-        res["torch"] = score_torch(row, spec, run_dir, out)
-        res |= export_row(row, spec, run_dir, out)
-        if "file" in res:
-            res["deployed"] = bench_file(row, spec, Path(res["file"]))
-    except Exception:
-        traceback.print_exc()
-        return 1
-    (out / f"{row}.row.json").write_text(json.dumps(common._jsonable(res), indent=1) + "\n")
-    return 0
+
+def full_row(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    row, t = spec["row"], time.perf_counter()
+    run_dir = train_row(row, spec, out)
+    hist = metrics_of(run_dir)
+    res: dict[str, Any] = {"row": row, "label": _label(row), "spec": spec, "train_wall_s": time.perf_counter() - t,
+                           "train_s": sum(float(h.get("train_time_s") or 0) for h in hist)}
+    res["torch"] = score_torch(row, spec, run_dir, out)
+    res |= export_row(row, spec, run_dir, out)
+    if "file" in res:
+        res["deployed"] = bench_file(row, spec, Path(res["file"]))
+    return res
 
 
 def start_worker(row: str, spec: dict[str, Any], out: Path) -> int:
     """Run one row's worker to the end (output copied to `<row>.log` and stderr); returns its exit status."""
-    import os
-    import subprocess
-
-    spec_path = out / f"{row}.spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    log(f"{row}: started (log {out / (row + '.log')})")
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, pump = common.start_row_worker(__file__, row, spec, out, log)
     try:
-        with (out / f"{row}.log").open("a") as f:
-            for line in proc.stdout:  # type: ignore[union-attr]
-                f.write(line)
-                f.flush()
-                sys.stderr.write(line)
-        return proc.wait()
+        status = proc.wait()
+        pump.join(timeout=10)
+        return status
     except KeyboardInterrupt:
         proc.terminate()  # rcdeploy saves last.pt at the batch it stops at
         proc.wait(timeout=120)
