@@ -45,7 +45,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import row_runs  # noqa: E402
 
 KEY = "flagship"
 RECIPE = "cifar10-resnet20-w4-p50"
@@ -345,14 +345,14 @@ def train_yardstick(s: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         atomic_torch_save({"model": model.state_dict(), "opt": st["opt"].state_dict(),
                            "sched": st["sched"].state_dict(), "epoch": epoch + 1, "history": st["history"],
                            "best": st["best"]}, run_dir / "last.pt")
-        epoch_line("yardstick", m, s["epochs"], s["val_attack"])
+        log(epoch_text("yardstick", m, s["epochs"], s["val_attack"]))
     return {"history": st["history"], "best": st["best"], "meta": data.meta, "data": data}
 
 
-def epoch_line(row: str, m: dict[str, Any], epochs: int, attack: str) -> None:
-    log(f"{row}: epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.3f}  train {m['train_acc']:5.1f}%  "
-        f"val clean {m['val_clean_acc']:5.1f}%  {attack} {m['val_robust_acc']:5.1f}%  "
-        f"train {m['train_time_s']:.0f} s  lr {m['lr']:.4f}" + (f"  [{m['phase']}]" if m.get("phase") else ""))
+def epoch_text(row: str, m: dict[str, Any], epochs: int, attack: str) -> str:
+    return (f"{row}: epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.3f}  train {m['train_acc']:5.1f}%  "
+            f"val clean {m['val_clean_acc']:5.1f}%  {attack} {m['val_robust_acc']:5.1f}%  "
+            f"train {m['train_time_s']:.0f} s  lr {m['lr']:.4f}" + (f"  [{m['phase']}]" if m.get("phase") else ""))
 
 
 def export_yardstick(path: Path, run_dir: Path, meta: Any, x: Any) -> dict[str, Any]:
@@ -394,83 +394,29 @@ def yardstick_pytorch_scores(run_dir: Path, meta: Any, x: Any, y: Any, eps: floa
 # ----------------------------------------------------------------------------------------- rcdeploy rows
 
 
-class EpochLines:
-    """A `rcdeploy.train` reporter: one stderr line per epoch."""
-
-    def __init__(self, row: str, epochs: int, attack: str) -> None:
-        self.row, self.epochs, self.attack = row, epochs, attack
-
-    def start_epoch(self, epoch: int, epochs: int, batches: int, skip: int = 0) -> None:
-        if skip:
-            log(f"{self.row}: epoch {epoch + 1} resumed at batch {skip}/{batches}")
-
-    def batch(self, loss: float, images: int) -> None:
-        pass
-
-    def end_epoch(self, m: dict[str, Any]) -> None:
-        epoch_line(self.row, m, self.epochs, self.attack)
-
-
-def finished_run(run_dir: Path, epochs: int) -> bool:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
-    return len([x for x in lines if x.strip()]) >= epochs and (run_dir / "best.pt").is_file()
-
-
-def train_rcdeploy(name: str, train: dict[str, Any], runs: Path, threads: int) -> Path:
+def train_rcdeploy(name: str, train: dict[str, Any], run_dir: Path, threads: int) -> Path:
     """Train (or continue) one rcdeploy row; returns its run folder."""
-    import rcdeploy
-
-    run_dir = runs / name
     cfg = train["resolved"]
-    reporter = EpochLines(name, cfg["epochs"], cfg["val_attack"])
-    if finished_run(run_dir, cfg["epochs"]):
-        log(f"{name}: training already finished in {run_dir}")
-        return run_dir
-    if (run_dir / "last.pt").is_file():
-        log(f"{name}: resuming {run_dir}")
-        res = rcdeploy.train(resume=run_dir, threads=threads, reporter=reporter)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run that stopped before its first checkpoint
-        res = rcdeploy.train(train["config"], out=str(runs), name=name, threads=threads, reporter=reporter,
-                             **train["overrides"])
-    if res.interrupted:  # Ctrl-C / SIGTERM: rcdeploy saved last.pt at the batch it stopped at
-        log(f"{name}: interrupted, last.pt saved; rerun the same command to continue")
-        raise SystemExit(130)
-    return run_dir
+    reporter = row_runs.EpochLines(name, lambda m: epoch_text(name, m, cfg["epochs"], cfg["val_attack"]), log)
+    return row_runs.train_or_resume(name, train["config"], train["overrides"], run_dir, epochs=cfg["epochs"],
+                                    threads=threads, reporter=reporter, log=log)
 
 
 def history_of(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     keep = ("epoch", "phase", "lr", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "train_time_s")
     return [{k: h.get(k) for k in keep} | {"channel_sparsity": (h.get("sparsity") or {}).get("channel_sparsity")}
-            for h in map(json.loads, filter(str.strip, lines))]
+            for h in row_runs.run_history(run_dir)]
 
 
 # ----------------------------------------------------------------------------------------- worker
-
-
-def prepare_run(out: Path, name: str, train: dict[str, Any]) -> Path:
-    """The row's run folder, emptied when it holds a run of other settings (never resumed into)."""
-    run_dir = out / "runs" / name
-    marker = out / "runs" / f"{name}.train.json"
-    if not marker.is_file() or json.loads(marker.read_text()) != train:
-        if run_dir.exists():
-            log(f"{name}: settings changed, starting the run afresh")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        (out / f"{name}.onnx").unlink(missing_ok=True)
-        (out / f"{name}.json").unlink(missing_ok=True)
-        (out / f"{name}.trained.json").unlink(missing_ok=True)
-    # rcdeploy creates its own run folder (it refuses an existing one); the yardstick writes into its own.
-    (run_dir if name == "yardstick" else run_dir.parent).mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(train, indent=1) + "\n")
-    return run_dir
 
 
 def train_and_export(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """Train + export one row (both skipped when `<row>.trained.json` says they are done)."""
     done = out / f"{name}.trained.json"
     onnx_path = out / f"{name}.onnx"
-    run_dir = prepare_run(out, name, spec["train"])  # first: it removes a run (and file) of other settings
+    # first: it removes a run (and file) of other settings; the yardstick's own loop writes into its folder
+    run_dir = row_runs.prepare_run(out, name, spec["train"], log, make_run_dir=name == "yardstick")
     if done.is_file() and onnx_path.is_file():
         return json.loads(done.read_text())
     t = time.perf_counter()
@@ -483,7 +429,7 @@ def train_and_export(name: str, spec: dict[str, Any], out: Path) -> dict[str, An
     else:
         import rcdeploy
 
-        train_rcdeploy(name, spec["train"], out / "runs", spec["threads"])
+        train_rcdeploy(name, spec["train"], run_dir, spec["threads"])
         info["train_wall_s"] = time.perf_counter() - t
         info["history"] = history_of(run_dir)
         rcdeploy.export(run_dir / "best.pt", output=onnx_path, **spec["train"]["export"])
@@ -602,8 +548,8 @@ def load_test_images(index: list[int] | None) -> tuple[Any, Any, Any]:
 
 
 def worker(spec_path: Path) -> int:
-    """One row in its own process (common.row_worker): train, export, bench; writes `<row>.row.json`."""
-    return common.row_worker(spec_path, build_row)
+    """One row in its own process (row_runs.row_worker): train, export, bench; writes `<row>.row.json`."""
+    return row_runs.row_worker(spec_path, build_row)
 
 
 def build_row(spec: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -655,7 +601,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def start_worker(name: str, spec: dict[str, Any], out: Path) -> tuple[subprocess.Popen, threading.Thread]:
-    return common.start_row_worker(__file__, name, spec, out, log)
+    return row_runs.start_row_worker(__file__, name, spec, out, log)
 
 
 def finished(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:

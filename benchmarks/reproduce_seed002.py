@@ -60,6 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import row_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = ROOT.parent / "shared" / "data" / "cifar10-slice"
@@ -206,70 +207,19 @@ def full_spec(row: str, args: argparse.Namespace) -> dict[str, Any]:
                              "export": {"bits": args.export_bits}, "score": score, "threads": args.threads})
 
 
-class EpochLines:
-    """A `rcdeploy.train` reporter: one stderr line per epoch."""
-
-    def __init__(self, row: str, epochs: int) -> None:
-        self.row, self.epochs = row, epochs
-
-    def start_epoch(self, epoch: int, epochs: int, batches: int, skip: int = 0) -> None:
-        if skip:
-            log(f"{self.row}: epoch {epoch + 1} resumed at batch {skip}/{batches}")
-
-    def batch(self, loss: float, images: int) -> None:
-        pass
-
-    def end_epoch(self, m: dict[str, Any]) -> None:
-        log(f"{self.row}: epoch {m['epoch']}/{self.epochs}  loss {m['train_loss']:.3f}  train {m['train_acc']:5.1f}%  "
-            f"val clean {m['val_clean_acc']:5.1f}%  robust {m['val_robust_acc']:5.1f}%  "
-            f"train {m['train_time_s']:.0f} s")
-
-
-def prepare_run(out: Path, row: str, train: dict[str, Any]) -> Path:
-    """The row's run folder, emptied (with its files) when it holds a run of other settings."""
-    import shutil
-
-    run_dir, marker = out / "runs" / row, out / "runs" / f"{row}.train.json"
-    if not marker.is_file() or json.loads(marker.read_text()) != train:
-        if run_dir.exists():
-            log(f"{row}: settings changed, starting the run afresh")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        for p in out.glob(f"{row}.*"):
-            if p.suffix != ".log":
-                p.unlink()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(train, indent=1) + "\n")
-    return run_dir
-
-
-def metrics_of(run_dir: Path) -> list[dict[str, Any]]:
-    p = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
-
-
 def train_row(row: str, spec: dict[str, Any], out: Path) -> Path:
     """Train (or continue from last.pt) one row; returns its run folder."""
-    import shutil
-
-    import rcdeploy
-
-    run_dir = prepare_run(out, row, spec["train"])
+    run_dir = row_runs.prepare_run(out, row, spec["train"], log)
     epochs = spec["train"]["resolved"]["epochs"]
-    if len(metrics_of(run_dir)) >= epochs and (run_dir / "best.pt").is_file():
-        log(f"{row}: training already finished in {run_dir}")
-        return run_dir
-    reporter = EpochLines(row, epochs)
-    if (run_dir / "last.pt").is_file():
-        log(f"{row}: resuming {run_dir}")
-        res = rcdeploy.train(resume=run_dir, threads=spec["threads"], reporter=reporter)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run that stopped before its first checkpoint
-        res = rcdeploy.train(spec["train"]["recipe"], out=str(run_dir.parent), name=row, threads=spec["threads"],
-                             reporter=reporter, **spec["train"]["overrides"])
-    if res.interrupted:
-        log(f"{row}: interrupted, last.pt saved; rerun the same command to continue")
-        raise SystemExit(130)
-    return run_dir
+    reporter = row_runs.EpochLines(row, lambda m: epoch_text(row, m, epochs), log)
+    return row_runs.train_or_resume(row, spec["train"]["recipe"], spec["train"]["overrides"], run_dir,
+                                    epochs=epochs, threads=spec["threads"], reporter=reporter, log=log)
+
+
+def epoch_text(row: str, m: dict[str, Any], epochs: int) -> str:
+    return (f"{row}: epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.3f}  train {m['train_acc']:5.1f}%  "
+            f"val clean {m['val_clean_acc']:5.1f}%  robust {m['val_robust_acc']:5.1f}%  "
+            f"train {m['train_time_s']:.0f} s")
 
 
 def test_index(n: int | None) -> list[int]:
@@ -378,14 +328,14 @@ def export_row(row: str, spec: dict[str, Any], run_dir: Path, out: Path) -> dict
 
 
 def full_worker(spec_path: Path) -> int:
-    """One row in its own process (common.row_worker): train, score best.pt, export, bench the file."""
-    return common.row_worker(spec_path, full_row)
+    """One row in its own process (row_runs.row_worker): train, score best.pt, export, bench the file."""
+    return row_runs.row_worker(spec_path, full_row)
 
 
 def full_row(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     row, t = spec["row"], time.perf_counter()
     run_dir = train_row(row, spec, out)
-    hist = metrics_of(run_dir)
+    hist = row_runs.run_history(run_dir)
     res: dict[str, Any] = {"row": row, "label": _label(row), "spec": spec, "train_wall_s": time.perf_counter() - t,
                            "train_s": sum(float(h.get("train_time_s") or 0) for h in hist)}
     res["torch"] = score_torch(row, spec, run_dir, out)
@@ -397,7 +347,7 @@ def full_row(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def start_worker(row: str, spec: dict[str, Any], out: Path) -> int:
     """Run one row's worker to the end (output copied to `<row>.log` and stderr); returns its exit status."""
-    proc, pump = common.start_row_worker(__file__, row, spec, out, log)
+    proc, pump = row_runs.start_row_worker(__file__, row, spec, out, log)
     try:
         status = proc.wait()
         pump.join(timeout=10)
