@@ -955,7 +955,7 @@ def verdict(results: dict[str, Any]) -> str:
 
 
 INTRO = """
-Every row trained from scratch in this run at the same budget: {epochs} epoch(s) on {train} training images of
+Every row trained from scratch by this command at the same budget: {epochs} epoch(s) on {train} training images of
 the slice ({val_pct:g}% of its training split held out, seeded and stratified, for choosing the checkpoint: the
 epoch with the best ({val_attack}, clean) validation accuracy on {val_n} of them), batch {batch}, FGSM-RS at eps
 {eps} (uniform start, one step of 1.25 eps), SGD momentum {momentum:g} Nesterov, weight decay {wd:g}, one-cycle
