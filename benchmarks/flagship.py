@@ -610,8 +610,8 @@ def finished(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any] | Non
         return None
     r = json.loads(p.read_text())
     same = r.get("spec", {}).get("train") == spec["train"] and r["spec"].get("bench") == spec["bench"]
-    if same and "measured" not in r:  # a row.json from before rows said where: scratch never leaves its machine
-        r["measured"] = measured_on(p.stat().st_mtime)
+    if same:  # what an older row.json did not record is this machine's: scratch never leaves its machine
+        r["measured"] = measured_on(p.stat().st_mtime) | r.get("measured", {})
     return r if same else None
 
 
@@ -741,21 +741,18 @@ def reuse_rows(rows: list[str], specs: dict[str, dict[str, Any]], out: Path, res
     """Put in `results` every row finished with its current settings: in the scratch folder, else kept in
     benchmarks/results.json by an earlier session. A kept row has no checkpoint on this machine, so a row whose
     checkpoint a pending lever reads (ARD's teacher) is rerun instead."""
-    teachers: dict[str, list[str]] = {}
+    scratch = {n: finished(out, n, specs[n]) for n in rows}
+    kept = {n: kept_row(n, specs[n]) for n in rows if scratch[n] is None}
+    teachers = {needs(n): n for n in rows if needs(n) and scratch[n] is None and kept[n] is None}
     for n in rows:
-        if needs(n) and finished(out, n, specs[n]) is None and kept_row(n, specs[n]) is None:
-            teachers.setdefault(needs(n), []).append(n)
-    for n in rows:
-        if (row := finished(out, n, specs[n])) is not None:
-            results["rows"][n] = row
+        if scratch[n] is not None:
+            results["rows"][n] = scratch[n]
             log(f"{n}: reusing {out / (n + '.row.json')}")
-        elif (row := kept_row(n, specs[n])) is None:
-            continue
-        elif n in teachers:
-            log(f"{n}: rerun, not reused from {common.RESULTS.name}: {', '.join(teachers[n])} reads its checkpoint")
-        else:
-            results["rows"][n] = row
-            log(f"{n}: reusing {common.RESULTS.name} (measured {row['measured']['date_utc']} UTC)")
+        elif kept[n] is not None and n in teachers:
+            log(f"{n}: rerun, not reused from {common.RESULTS.name}: {teachers[n]} reads its checkpoint")
+        elif kept[n] is not None:
+            results["rows"][n] = kept[n]
+            log(f"{n}: reusing {common.RESULTS.name} (measured {kept[n]['measured']['date_utc']} UTC)")
 
 
 def lock_folder(out: Path) -> Any:
@@ -838,10 +835,13 @@ def unpack_per_image(packed: dict[str, str]) -> dict[str, list[int]]:
 
 def measured_on(when: float | None = None) -> dict[str, Any]:
     """Where and when a row was measured: this machine's CPU, and `when` (epoch seconds) or now."""
+    from rcdeploy.runtime.cpu import cpu_kind
+
     m = common.machine_info()
     if when is not None:
         m["date_utc"] = datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d %H:%M")
-    return {k: m[k] for k in ("cpu", "cpu_count", "isa", "date_utc")}
+    # the project's one classifier of what the int8 kernels compute here: "exact" (VNNI, AMX, ARM) or "avx2"
+    return {k: m[k] for k in ("cpu", "cpu_count", "isa", "date_utc")} | {"int8_kernels": cpu_kind().isa}
 
 
 def kept_results(results: dict[str, Any]) -> dict[str, Any]:
@@ -1026,11 +1026,10 @@ def cascade_text(r: dict[str, Any]) -> str:
     return "robust after each attack in turn: " + " > ".join(steps)
 
 
-def cpu_kind(measured: dict[str, Any]) -> str:
-    """The integer kernel family onnxruntime picks on that CPU (what can change a file's latency)."""
-    isa = set(measured.get("isa") or [])
-    return "AVX-512 VNNI" if "avx512_vnni" in isa else "AVX-VNNI" if "avx_vnni" in isa else \
-        "AVX2 only" if "avx2" in isa else "no AVX2"
+def kernel_kind(measured: dict[str, Any]) -> str:
+    """What the row's CPU's int8 kernels are (rcdeploy.runtime.cpu's "exact" or "avx2"), in words."""
+    kind = measured.get("int8_kernels")
+    return {"exact": "int8 kernels exact", "avx2": "AVX2: int8 pair sums saturate at int16"}.get(kind, "kernels ?")
 
 
 def row_notes(results: dict[str, Any]) -> list[str]:
@@ -1055,12 +1054,12 @@ def row_notes(results: dict[str, Any]) -> list[str]:
         if isinstance(kept, dict) and name == "w4-p50":
             extra.append(f"output channels kept in the file {sum(kept.values())}")
         if m := r.get("measured"):
-            extra.append(f"measured {m['date_utc']} UTC on {m['cpu']} ({cpu_kind(m)})")
+            extra.append(f"measured {m['date_utc']} UTC on {m['cpu']} ({kernel_kind(m)})")
         extra += [f"flag: {f}" for f in r.get("flags") or []]
         notes.append(f"- {TITLES.get(name, name)}: " + "; ".join(extra) + ".")
-    kinds = {cpu_kind(r["measured"]) for r in results["rows"].values() if r.get("measured")}
+    kinds = {kernel_kind(r["measured"]) for r in results["rows"].values() if r.get("measured")}
     if len(kinds) > 1:
-        notes.append(f"- rows measured on more than one CPU kind ({', '.join(sorted(kinds))}): accuracies are the "
+        notes.append(f"- rows measured on more than one CPU kind ({'; '.join(sorted(kinds))}): accuracies are the "
                      "same on both (the files are exact integer programs), latencies compare only within one kind.")
     missing = [n for n in ROWS + tuple(LEVERS) if n not in results["rows"]]
     if missing:
