@@ -464,4 +464,3 @@ def goal_line(name: str, value: float | None, goal: float, *, higher: bool = Tru
     else:
         verdict = f"MISSED: {100 * (value / goal - 1):.1f}% over the goal"
     return f"{name}: {value:.3g}{unit} (goal {'>=' if higher else '<='} {goal:g}{unit}): {verdict}"
-
